@@ -1,0 +1,266 @@
+//! The contract between the kernel programs and the agent: map names, sizes, key and value layouts.
+//!
+//! Every type is `#[repr(C)]` with explicit padding, because the kernel hashes every key byte and the verifier rejects
+//! uninitialised stack bytes. Addresses and ports are stored as bytes in network order, so their meaning does not
+//! depend on the host's endianness; the constructors below are the only place that converts the kernel's mixed
+//! representations, and they are tested on the host.
+//!
+//! Changing any layout or size here requires bumping [`LAYOUT_VERSION`]: the agent pins maps under a directory named
+//! after it, so a pinned map of an older layout is never reused.
+
+/// Bumped on any change to a map's key, value, type or size.
+pub const LAYOUT_VERSION: u32 = 1;
+
+/// The Instance Metadata Service address every Azure SDK calls.
+pub const IMDS_ADDR: [u8; 4] = [169, 254, 169, 254];
+/// The only IMDS port that is redirected; every other port on [`IMDS_ADDR`] is refused.
+pub const IMDS_PORT: u16 = 80;
+
+pub const MAP_CONFIG: &str = "NMI_CONFIG";
+pub const MAP_EXEMPT: &str = "NMI_EXEMPT";
+pub const MAP_SOCKETS: &str = "NMI_SOCKETS";
+pub const MAP_CONNS: &str = "NMI_CONNS";
+pub const MAP_COUNTERS: &str = "NMI_COUNTERS";
+
+/// Cgroups whose connects are never intercepted (the agent's own).
+pub const EXEMPT_MAX: u32 = 64;
+/// In-flight redirected sockets (socket cookie -> record). LRU: a socket whose close we never see is evicted oldest
+/// first once this many newer ones exist.
+pub const SOCKETS_MAX: u32 = 65_536;
+/// Established redirected connections (4-tuple -> record). LRU, same reasoning.
+pub const CONNS_MAX: u32 = 65_536;
+
+/// Program names as they appear in the object (the Rust function names of the entry points).
+pub const PROG_CONNECT4: &str = "nmi_connect4";
+pub const PROG_CONNECT6: &str = "nmi_connect6";
+pub const PROG_GETPEERNAME4: &str = "nmi_getpeername4";
+pub const PROG_SOCKOPS: &str = "nmi_sock_ops";
+pub const PROG_EGRESS: &str = "nmi_egress";
+
+/// Indexes into the per-CPU counter array.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// A connect to IMDS:80 rewritten to the agent.
+    Redirected = 0,
+    /// A connect to IMDS refused: other port, not TCP, an IPv4-mapped IPv6 address, or no redirect configured.
+    Refused = 1,
+    /// A packet to IMDS dropped by the egress guard (UDP, raw sockets, anything that skipped connect).
+    EgressDropped = 2,
+    /// A redirect record could not be stored; the connect was refused rather than left unattested.
+    RecordFailed = 3,
+    /// A redirected connection's 4-tuple recorded for the agent to look up.
+    Linked = 4,
+}
+
+impl Counter {
+    pub const ALL: [Counter; 5] = [
+        Counter::Redirected,
+        Counter::Refused,
+        Counter::EgressDropped,
+        Counter::RecordFailed,
+        Counter::Linked,
+    ];
+    pub const COUNT: u32 = Self::ALL.len() as u32;
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Counter::Redirected => "redirected",
+            Counter::Refused => "refused",
+            Counter::EgressDropped => "egress_dropped",
+            Counter::RecordFailed => "record_failed",
+            Counter::Linked => "linked",
+        }
+    }
+
+    pub const fn help(self) -> &'static str {
+        match self {
+            Counter::Redirected => "connects to IMDS:80 redirected to the agent",
+            Counter::Refused => "connects to IMDS refused (other port, not TCP, IPv4-mapped IPv6, or no redirect target)",
+            Counter::EgressDropped => "packets to IMDS dropped by the egress guard",
+            Counter::RecordFailed => "connects refused because their redirect record could not be stored",
+            Counter::Linked => "redirected connections recorded under their 4-tuple",
+        }
+    }
+}
+
+/// An IPv4 address and port, both in network byte order as bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Endpoint4 {
+    pub addr: [u8; 4],
+    pub port: [u8; 2],
+    pub _pad: [u8; 2],
+}
+
+impl Endpoint4 {
+    pub const fn new(addr: [u8; 4], port: u16) -> Self {
+        Endpoint4 {
+            addr,
+            port: port.to_be_bytes(),
+            _pad: [0; 2],
+        }
+    }
+
+    /// From `bpf_sock_addr.user_ip4` / `user_port`: both hold network-order bytes in memory; the port sits in the low
+    /// 16 bits of a u32 field.
+    pub const fn from_sock_addr(user_ip4: u32, user_port: u32) -> Self {
+        Endpoint4 {
+            addr: user_ip4.to_ne_bytes(),
+            port: (user_port as u16).to_ne_bytes(),
+            _pad: [0; 2],
+        }
+    }
+
+    /// The `(user_ip4, user_port)` values that make a `bpf_sock_addr` point at this endpoint.
+    pub const fn to_sock_addr(self) -> (u32, u32) {
+        (
+            u32::from_ne_bytes(self.addr),
+            u16::from_ne_bytes(self.port) as u32,
+        )
+    }
+
+    /// From `bpf_sock_ops.local_ip4` / `local_port`: the address is network order, the port is in host order.
+    pub const fn from_sock_ops_local(local_ip4: u32, local_port: u32) -> Self {
+        Endpoint4 {
+            addr: local_ip4.to_ne_bytes(),
+            port: (local_port as u16).to_be_bytes(),
+            _pad: [0; 2],
+        }
+    }
+
+    /// From `bpf_sock_ops.remote_ip4` / `remote_port`: the address is network order, and the port's network-order
+    /// bytes sit in the *upper* half of the u32 as the kernel stores it (a long-standing quirk of that field).
+    pub const fn from_sock_ops_remote(remote_ip4: u32, remote_port: u32) -> Self {
+        Endpoint4 {
+            addr: remote_ip4.to_ne_bytes(),
+            port: (u32::from_be(remote_port) as u16).to_be_bytes(),
+            _pad: [0; 2],
+        }
+    }
+
+    pub const fn port(self) -> u16 {
+        u16::from_be_bytes(self.port)
+    }
+
+    pub const fn is_unset(self) -> bool {
+        u32::from_ne_bytes(self.addr) == 0 && u16::from_ne_bytes(self.port) == 0
+    }
+}
+
+/// Where redirected connects go: the agent's token service.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RedirectConfig {
+    pub target: Endpoint4,
+}
+
+/// What connect4 learned about a redirected socket, and what the agent needs to attest its caller.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnRecord {
+    /// cgroup v2 id of the task that called connect (the inode number of its cgroup directory).
+    pub cgroup_id: u64,
+    /// The destination the caller asked for, before the rewrite.
+    pub original: Endpoint4,
+    /// The calling process (thread group id).
+    pub tgid: u32,
+    pub _pad: u32,
+}
+
+/// A TCP connection seen from the client: its own address, and the server address it is connected to (the agent).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ConnKey {
+    pub client: Endpoint4,
+    pub server: Endpoint4,
+}
+
+#[cfg(feature = "user")]
+mod user {
+    use std::net::{Ipv4Addr, SocketAddrV4};
+
+    use super::{ConnKey, ConnRecord, Endpoint4, RedirectConfig};
+
+    // SAFETY: plain `#[repr(C)]` data with explicit padding and no invalid bit patterns.
+    unsafe impl aya::Pod for Endpoint4 {}
+    unsafe impl aya::Pod for RedirectConfig {}
+    unsafe impl aya::Pod for ConnRecord {}
+    unsafe impl aya::Pod for ConnKey {}
+
+    impl From<SocketAddrV4> for Endpoint4 {
+        fn from(sa: SocketAddrV4) -> Self {
+            Endpoint4::new(sa.ip().octets(), sa.port())
+        }
+    }
+
+    impl From<Endpoint4> for SocketAddrV4 {
+        fn from(ep: Endpoint4) -> Self {
+            SocketAddrV4::new(Ipv4Addr::from(ep.addr), ep.port())
+        }
+    }
+
+    impl ConnKey {
+        /// The key of an accepted connection: `peer` is the client, `local` the agent's side.
+        pub fn accepted(peer: SocketAddrV4, local: SocketAddrV4) -> Self {
+            ConnKey {
+                client: peer.into(),
+                server: local.into(),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{Ipv4Addr, SocketAddrV4};
+
+    use super::*;
+
+    // The raw values below are what the kernel hands a little-endian program for 10.1.2.3:46273 / 169.254.169.254:80;
+    // the sock_ops remote_port sample (0xc1b40000 -> 46273) was read off kernel 6.18.
+    const IP_10_1_2_3_RAW: u32 = u32::from_ne_bytes([10, 1, 2, 3]);
+
+    #[test]
+    fn sock_addr_fields_round_trip() {
+        let user_port = u32::from(80u16.to_be());
+        let ep = Endpoint4::from_sock_addr(u32::from_ne_bytes(IMDS_ADDR), user_port);
+        assert_eq!(ep, Endpoint4::new(IMDS_ADDR, IMDS_PORT));
+        assert_eq!(ep.port(), 80);
+        assert_eq!(ep.to_sock_addr(), (u32::from_ne_bytes(IMDS_ADDR), user_port));
+    }
+
+    #[test]
+    fn sock_ops_remote_port_lives_in_the_upper_half() {
+        let ep = Endpoint4::from_sock_ops_remote(IP_10_1_2_3_RAW, 0xc1b4_0000);
+        assert_eq!(SocketAddrV4::from(ep), SocketAddrV4::new(Ipv4Addr::new(10, 1, 2, 3), 46273));
+    }
+
+    #[test]
+    fn sock_ops_local_port_is_host_order() {
+        let ep = Endpoint4::from_sock_ops_local(IP_10_1_2_3_RAW, 46273);
+        assert_eq!(SocketAddrV4::from(ep), SocketAddrV4::new(Ipv4Addr::new(10, 1, 2, 3), 46273));
+    }
+
+    #[test]
+    fn kernel_and_user_views_of_a_connection_agree() {
+        // sock_ops on the client: local = client, remote = agent. accept() on the agent: peer = client, local = agent.
+        let client = SocketAddrV4::new(Ipv4Addr::new(10, 1, 2, 3), 46273);
+        let agent = SocketAddrV4::new(Ipv4Addr::new(10, 1, 0, 1), 2579);
+        // remote_port as the kernel stores it: two zero bytes, then the port's network-order bytes.
+        let [hi, lo] = 2579u16.to_be_bytes();
+        let from_kernel = ConnKey {
+            client: Endpoint4::from_sock_ops_local(IP_10_1_2_3_RAW, 46273),
+            server: Endpoint4::from_sock_ops_remote(u32::from_ne_bytes([10, 1, 0, 1]), u32::from_ne_bytes([0, 0, hi, lo])),
+        };
+        assert_eq!(from_kernel, ConnKey::accepted(client, agent));
+    }
+
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        assert_eq!(core::mem::size_of::<Endpoint4>(), 8);
+        assert_eq!(core::mem::size_of::<ConnKey>(), 16);
+        assert_eq!(core::mem::size_of::<ConnRecord>(), 24);
+        assert_eq!(core::mem::size_of::<RedirectConfig>(), 8);
+    }
+}

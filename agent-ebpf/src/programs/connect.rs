@@ -1,0 +1,86 @@
+//! `cgroup/connect4` and `cgroup/connect6`: the interception point.
+//!
+//! Every connect in the intercepted subtree passes through here, so the common case (not IMDS) costs one comparison.
+
+use aya_ebpf::{
+    EbpfContext,
+    bindings::bpf_sock_addr,
+    helpers::{bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_socket_cookie},
+    programs::SockAddrContext,
+};
+
+use super::{
+    ALLOW, REJECT,
+    maps::{NMI_CONFIG, NMI_SOCKETS, count, is_exempt},
+};
+use crate::abi::{ConnRecord, Counter, Endpoint4, IMDS_ADDR, IMDS_PORT};
+
+const SOCK_STREAM: u32 = 1;
+const IPPROTO_TCP: u32 = 6;
+const IMDS_IP4_RAW: u32 = u32::from_ne_bytes(IMDS_ADDR);
+
+/// IPv4 connect: redirect TCP to IMDS:80 to the agent and record who asked; refuse any other reach for IMDS.
+#[inline(always)]
+pub fn connect4(ctx: &SockAddrContext) -> i32 {
+    let sa: *mut bpf_sock_addr = ctx.sock_addr;
+    // SAFETY: the context pointer is valid for the program's run; the verifier checks each field access.
+    let user_ip4 = unsafe { (*sa).user_ip4 };
+    if user_ip4 != IMDS_IP4_RAW {
+        return ALLOW;
+    }
+    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    if is_exempt(cgroup_id) {
+        return ALLOW;
+    }
+    let (sock_type, protocol, user_port) = unsafe { ((*sa).type_, (*sa).protocol, (*sa).user_port) };
+    let original = Endpoint4::from_sock_addr(user_ip4, user_port);
+    if sock_type != SOCK_STREAM || protocol != IPPROTO_TCP || original.port() != IMDS_PORT {
+        count(Counter::Refused);
+        return REJECT;
+    }
+    // No redirect target configured yet means nobody could attest this caller: refuse, never pass through.
+    let Some(config) = NMI_CONFIG.get(0) else {
+        count(Counter::Refused);
+        return REJECT;
+    };
+    let target = config.target;
+    if target.is_unset() {
+        count(Counter::Refused);
+        return REJECT;
+    }
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let record = ConnRecord {
+        cgroup_id,
+        original,
+        tgid: (bpf_get_current_pid_tgid() >> 32) as u32,
+        _pad: 0,
+    };
+    if NMI_SOCKETS.insert(&cookie, &record, 0).is_err() {
+        count(Counter::RecordFailed);
+        return REJECT;
+    }
+    let (ip4, port) = target.to_sock_addr();
+    unsafe {
+        (*sa).user_ip4 = ip4;
+        (*sa).user_port = port;
+    }
+    count(Counter::Redirected);
+    ALLOW
+}
+
+/// IPv6 connect: `::ffff:169.254.169.254` reaches IMDS over IPv4 from a dual-stack socket. Refuse it so an IPv6
+/// socket is no way around the redirect; callers fall back to IPv4, as every SDK does anyway.
+#[inline(always)]
+pub fn connect6(ctx: &SockAddrContext) -> i32 {
+    let sa: *mut bpf_sock_addr = ctx.sock_addr;
+    let ip6 = unsafe { (*sa).user_ip6 };
+    let mapped_prefix = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+    if ip6[3] != IMDS_IP4_RAW || ip6[2] != mapped_prefix || ip6[1] != 0 || ip6[0] != 0 {
+        return ALLOW;
+    }
+    if is_exempt(unsafe { bpf_get_current_cgroup_id() }) {
+        return ALLOW;
+    }
+    count(Counter::Refused);
+    REJECT
+}

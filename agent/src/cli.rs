@@ -1,0 +1,77 @@
+//! The command line: a contract, documented in docs/configuration.md. Every flag also reads an `NMI_AGENT_*`
+//! environment variable.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+};
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::telemetry::LogFormat;
+
+/// Node identity agent: each pod gets its own Azure identity from an unchanged IMDS client, attested by the kernel.
+#[derive(Debug, Parser)]
+#[command(name = "nmi-agent", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Intercept IMDS calls in the cgroup subtree and serve each caller the token of its own identity.
+    Run(RunArgs),
+    /// Remove every pinned program and map: pods reach IMDS directly again. For operators removing the agent.
+    Uninstall(UninstallArgs),
+}
+
+pub const DEFAULT_PORT: u16 = 2579;
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/nmi-agent";
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Intercepted cgroup v2 subtree. Kubernetes default: the kubelet's pods cgroup (kubepods.slice or kubepods), so
+    /// node daemons keep the node's identity; required in standalone mode.
+    #[arg(long, env = "NMI_AGENT_CGROUP")]
+    pub cgroup: Option<PathBuf>,
+
+    /// Token service address, also where intercepted connects are redirected. Never loopback: inside a pod's network
+    /// namespace that is the pod itself. Kubernetes default: $NODE_IP:2579.
+    #[arg(long, env = "NMI_AGENT_LISTEN")]
+    pub listen: Option<SocketAddr>,
+
+    /// The node's IP (Kubernetes: from the downward API); used for the default --listen.
+    #[arg(long, env = "NODE_IP")]
+    pub node_ip: Option<IpAddr>,
+
+    /// The real IMDS.
+    #[arg(long, env = "NMI_AGENT_IMDS_URL", default_value = "http://169.254.169.254")]
+    pub imds_url: String,
+
+    /// Standalone mode: a YAML file binding cgroups to identities. Without it: Kubernetes mode.
+    #[arg(long, env = "NMI_AGENT_BINDINGS")]
+    pub bindings: Option<PathBuf>,
+
+    /// This node's name (Kubernetes mode): only pods scheduled here are watched.
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: Option<String>,
+
+    /// `/healthz`, `/readyz` and `/metrics`.
+    #[arg(long, env = "NMI_AGENT_HEALTH_LISTEN", default_value = "127.0.0.1:9102")]
+    pub health_listen: SocketAddr,
+
+    /// Where programs' links and maps are pinned (on a bpf filesystem; mounted at /sys/fs/bpf when missing).
+    #[arg(long, env = "NMI_AGENT_PIN_DIR", default_value = DEFAULT_PIN_DIR)]
+    pub pin_dir: PathBuf,
+
+    /// Log format.
+    #[arg(long, env = "NMI_AGENT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Args)]
+pub struct UninstallArgs {
+    #[arg(long, env = "NMI_AGENT_PIN_DIR", default_value = DEFAULT_PIN_DIR)]
+    pub pin_dir: PathBuf,
+}

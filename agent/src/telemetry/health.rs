@@ -1,0 +1,93 @@
+//! `/healthz`, `/readyz` and `/metrics` on the health address (loopback by default).
+
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Request, Response, StatusCode, body::Incoming, server::conn::http1, service::service_fn};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+
+use super::metrics::Metrics;
+
+/// The conditions `/readyz` waits for; each one names what is missing while it is false.
+#[derive(Default)]
+pub struct Readiness {
+    pub programs_attached: AtomicBool,
+    pub bindings_loaded: AtomicBool,
+}
+
+impl Readiness {
+    /// What is still missing; empty when ready.
+    pub fn missing(&self) -> Vec<&'static str> {
+        let mut missing = Vec::new();
+        if !self.programs_attached.load(Ordering::Acquire) {
+            missing.push("kernel programs not attached");
+        }
+        if !self.bindings_loaded.load(Ordering::Acquire) {
+            missing.push("identity bindings not loaded or synced");
+        }
+        missing
+    }
+}
+
+pub async fn serve(listener: TcpListener, readiness: Arc<Readiness>, metrics: Arc<Metrics>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let (readiness, metrics) = (Arc::clone(&readiness), Arc::clone(&metrics));
+        tokio::spawn(async move {
+            let service = service_fn(move |req: Request<Incoming>| {
+                let answer = route(req.uri().path(), &readiness, metrics.as_ref());
+                async move { Ok::<_, Infallible>(answer) }
+            });
+            let _ = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+fn text(status: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    if let Ok(v) = content_type.parse() {
+        resp.headers_mut().insert(http::header::CONTENT_TYPE, v);
+    }
+    resp
+}
+
+fn route(path: &str, readiness: &Readiness, metrics: &Metrics) -> Response<Full<Bytes>> {
+    match path {
+        "/healthz" => text(StatusCode::OK, "text/plain", "ok\n".into()),
+        "/readyz" => match readiness.missing().as_slice() {
+            [] => text(StatusCode::OK, "text/plain", "ready\n".into()),
+            missing => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                format!("not ready: {}\n", missing.join("; ")),
+            ),
+        },
+        "/metrics" => text(
+            StatusCode::OK,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            metrics.render(),
+        ),
+        _ => text(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
+    }
+}
+
+/// Binds the health address, with a message that says which flag to change.
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener, String> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("binding the health address {addr}: {e} (change --health-listen)"))
+}

@@ -1,0 +1,151 @@
+//! Prometheus metrics. Label values come from small fixed sets (outcomes, cache results, status codes, kernel event
+//! names): no pod names, paths or resources, so a busy node cannot blow up the series count.
+
+use std::sync::Arc;
+
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric, text::encode},
+    metrics::{
+        counter::{ConstCounter, Counter},
+        family::Family,
+        gauge::{ConstGauge, Gauge},
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::Registry,
+};
+
+use crate::datapath::Datapath;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TokenLabels {
+    /// granted | denied | error | forwarded | bad_request
+    pub outcome: &'static str,
+    /// hit | miss | none
+    pub cache: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StatusLabels {
+    /// The upstream HTTP status, or `unreachable`.
+    pub status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: &'static str,
+}
+
+/// Every metric the agent exports.
+pub struct Metrics {
+    registry: Registry,
+    pub token_requests: Family<TokenLabels, Counter>,
+    pub request_seconds: Histogram,
+    pub upstream_seconds: Histogram,
+    pub upstream_errors: Family<StatusLabels, Counter>,
+    pub attestation_failures: Family<ReasonLabels, Counter>,
+    pub bindings_loaded: Gauge,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("nmi");
+        let token_requests = Family::<TokenLabels, Counter>::default();
+        // 100 µs .. ~26 s: a cache hit is sub-millisecond, an upstream call with retries can take seconds.
+        let request_seconds = Histogram::new(exponential_buckets(0.0001, 4.0, 10));
+        let upstream_seconds = Histogram::new(exponential_buckets(0.001, 3.0, 10));
+        let upstream_errors = Family::<StatusLabels, Counter>::default();
+        let attestation_failures = Family::<ReasonLabels, Counter>::default();
+        let bindings_loaded = Gauge::default();
+        registry.register(
+            "token_requests",
+            "Token requests by outcome and cache result",
+            token_requests.clone(),
+        );
+        registry.register(
+            "request_duration_seconds",
+            "Time to answer a token request",
+            request_seconds.clone(),
+        );
+        registry.register(
+            "upstream_duration_seconds",
+            "Time of calls to the real IMDS or the identity provider",
+            upstream_seconds.clone(),
+        );
+        registry.register(
+            "upstream_errors",
+            "Failed upstream calls by HTTP status",
+            upstream_errors.clone(),
+        );
+        registry.register(
+            "attestation_failures",
+            "Connections refused because the kernel had no redirect record for them",
+            attestation_failures.clone(),
+        );
+        registry.register(
+            "bindings_loaded",
+            "Identity bindings currently loaded",
+            bindings_loaded.clone(),
+        );
+        Metrics {
+            registry,
+            token_requests,
+            request_seconds,
+            upstream_seconds,
+            upstream_errors,
+            attestation_failures,
+            bindings_loaded,
+        }
+    }
+
+    /// Adds the kernel's own counters and map occupancy, read at scrape time.
+    pub fn register_datapath(&mut self, datapath: Arc<Datapath>) {
+        self.registry.register_collector(Box::new(KernelCollector(datapath)));
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+struct KernelCollector(Arc<Datapath>);
+
+impl std::fmt::Debug for KernelCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("KernelCollector")
+    }
+}
+
+impl Collector for KernelCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        for (counter, value) in self.0.counters() {
+            let metric = ConstCounter::new(value);
+            let name = format!("kernel_{}", counter.name());
+            let help = format!("Kernel datapath events: {}", counter.help());
+            metric.encode(encoder.encode_descriptor(&name, &help, None, metric.metric_type())?)?;
+        }
+        let tracked = ConstGauge::new(self.0.tracked_connections() as i64);
+        tracked.encode(encoder.encode_descriptor(
+            "tracked_connections",
+            "Redirected connections currently recorded in the kernel map",
+            None,
+            tracked.metric_type(),
+        )?)?;
+        Ok(())
+    }
+}
