@@ -6,7 +6,8 @@ use std::{env, fs, path::PathBuf};
 
 fn main() {
     println!("cargo:rerun-if-env-changed=NMI_AGENT_EBPF_OBJ");
-    let out = PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR")).join("nmi-agent-ebpf.o");
+    let out =
+        PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR")).join("nmi-agent-ebpf.o");
     let bytes = match env::var_os("NMI_AGENT_EBPF_OBJ") {
         Some(path) => {
             let path = PathBuf::from(path);

@@ -76,9 +76,13 @@ impl Counter {
     pub const fn help(self) -> &'static str {
         match self {
             Counter::Redirected => "connects to IMDS:80 redirected to the agent",
-            Counter::Refused => "connects to IMDS refused (other port, not TCP, IPv4-mapped IPv6, or no redirect target)",
+            Counter::Refused => {
+                "connects to IMDS refused (other port, not TCP, IPv4-mapped IPv6, or no redirect target)"
+            }
             Counter::EgressDropped => "packets to IMDS dropped by the egress guard",
-            Counter::RecordFailed => "connects refused because their redirect record could not be stored",
+            Counter::RecordFailed => {
+                "connects refused because their redirect record could not be stored"
+            }
             Counter::Linked => "redirected connections recorded under their 4-tuple",
         }
     }
@@ -227,19 +231,28 @@ mod tests {
         let ep = Endpoint4::from_sock_addr(u32::from_ne_bytes(IMDS_ADDR), user_port);
         assert_eq!(ep, Endpoint4::new(IMDS_ADDR, IMDS_PORT));
         assert_eq!(ep.port(), 80);
-        assert_eq!(ep.to_sock_addr(), (u32::from_ne_bytes(IMDS_ADDR), user_port));
+        assert_eq!(
+            ep.to_sock_addr(),
+            (u32::from_ne_bytes(IMDS_ADDR), user_port)
+        );
     }
 
     #[test]
     fn sock_ops_remote_port_lives_in_the_upper_half() {
         let ep = Endpoint4::from_sock_ops_remote(IP_10_1_2_3_RAW, 0xc1b4_0000);
-        assert_eq!(SocketAddrV4::from(ep), SocketAddrV4::new(Ipv4Addr::new(10, 1, 2, 3), 46273));
+        assert_eq!(
+            SocketAddrV4::from(ep),
+            SocketAddrV4::new(Ipv4Addr::new(10, 1, 2, 3), 46273)
+        );
     }
 
     #[test]
     fn sock_ops_local_port_is_host_order() {
         let ep = Endpoint4::from_sock_ops_local(IP_10_1_2_3_RAW, 46273);
-        assert_eq!(SocketAddrV4::from(ep), SocketAddrV4::new(Ipv4Addr::new(10, 1, 2, 3), 46273));
+        assert_eq!(
+            SocketAddrV4::from(ep),
+            SocketAddrV4::new(Ipv4Addr::new(10, 1, 2, 3), 46273)
+        );
     }
 
     #[test]
@@ -251,7 +264,10 @@ mod tests {
         let [hi, lo] = 2579u16.to_be_bytes();
         let from_kernel = ConnKey {
             client: Endpoint4::from_sock_ops_local(IP_10_1_2_3_RAW, 46273),
-            server: Endpoint4::from_sock_ops_remote(u32::from_ne_bytes([10, 1, 0, 1]), u32::from_ne_bytes([0, 0, hi, lo])),
+            server: Endpoint4::from_sock_ops_remote(
+                u32::from_ne_bytes([10, 1, 0, 1]),
+                u32::from_ne_bytes([0, 0, hi, lo]),
+            ),
         };
         assert_eq!(from_kernel, ConnKey::accepted(client, agent));
     }

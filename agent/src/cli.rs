@@ -21,7 +21,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Intercept IMDS calls in the cgroup subtree and serve each caller the token of its own identity.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Remove every pinned program and map: pods reach IMDS directly again. For operators removing the agent.
     Uninstall(UninstallArgs),
 }
@@ -46,7 +46,11 @@ pub struct RunArgs {
     pub node_ip: Option<IpAddr>,
 
     /// The real IMDS.
-    #[arg(long, env = "NMI_AGENT_IMDS_URL", default_value = "http://169.254.169.254")]
+    #[arg(
+        long,
+        env = "NMI_AGENT_IMDS_URL",
+        default_value = "http://169.254.169.254"
+    )]
     pub imds_url: String,
 
     /// Standalone mode: a YAML file binding cgroups to identities. Without it: Kubernetes mode.
@@ -57,8 +61,34 @@ pub struct RunArgs {
     #[arg(long, env = "NODE_NAME")]
     pub node_name: Option<String>,
 
+    /// Kubernetes mode: let an AzureIdentityBinding match pods in every namespace (aad-pod-identity's old default).
+    /// Off by default: a binding and its identity serve only pods of their own namespace.
+    #[arg(long, env = "NMI_AGENT_CLUSTER_WIDE_BINDINGS")]
+    pub cluster_wide_bindings: bool,
+
+    /// Service-principal identities (AzureIdentity type 1): read their secrets from Kubernetes Secrets. Off by
+    /// default, so the agent needs no access to Secrets unless you use them.
+    #[arg(long, env = "NMI_AGENT_SERVICE_PRINCIPALS")]
+    pub service_principals: bool,
+
+    /// Entra ID authority host for service-principal identities.
+    #[arg(
+        long,
+        env = "NMI_AGENT_AUTHORITY_HOST",
+        default_value = "https://login.microsoftonline.com"
+    )]
+    pub authority_host: String,
+
+    /// Forward `/metadata/instance*` and `/metadata/versions` to IMDS for attested callers.
+    #[arg(long, env = "NMI_AGENT_FORWARD_INSTANCE_METADATA", default_value_t = true, action = clap::ArgAction::Set)]
+    pub forward_instance_metadata: bool,
+
     /// `/healthz`, `/readyz` and `/metrics`.
-    #[arg(long, env = "NMI_AGENT_HEALTH_LISTEN", default_value = "127.0.0.1:9102")]
+    #[arg(
+        long,
+        env = "NMI_AGENT_HEALTH_LISTEN",
+        default_value = "127.0.0.1:9102"
+    )]
     pub health_listen: SocketAddr,
 
     /// Where programs' links and maps are pinned (on a bpf filesystem; mounted at /sys/fs/bpf when missing).

@@ -4,9 +4,9 @@
 
 pub mod attest;
 pub mod cli;
-pub mod run;
 pub mod datapath;
 pub mod identity;
 pub mod imds;
+pub mod run;
 pub mod server;
 pub mod telemetry;

@@ -9,7 +9,7 @@ use nmi_agent::{
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run(args) => run::run(args),
+        Command::Run(args) => run::run(*args),
         Command::Uninstall(args) => datapath::uninstall(&args.pin_dir)
             .map(|removed| {
                 if removed {

@@ -10,11 +10,17 @@ use tokio::{net::TcpListener, sync::watch};
 
 use crate::{
     attest::{
-        Attestor,
+        Attestation, Attestor,
         cgroupfs::{self, CgroupResolver},
     },
     cli::{DEFAULT_PORT, RunArgs},
     datapath::{self, Datapath},
+    identity::{
+        Resolve, Source,
+        file::{self, FileSource},
+        kube::{KubeConfig, KubeSecrets, KubeSource},
+    },
+    imds::{self, NoSecretStore},
     server,
     telemetry::{self, health, metrics::Metrics},
 };
@@ -38,13 +44,17 @@ fn listen_addr(args: &RunArgs) -> anyhow::Result<SocketAddrV4> {
     let addr = match (args.listen, args.node_ip) {
         (Some(addr), _) => addr,
         (None, Some(ip)) => SocketAddr::new(ip, DEFAULT_PORT),
-        (None, None) => bail!("no token service address: pass --listen IP:PORT (or set NODE_IP in Kubernetes)"),
+        (None, None) => {
+            bail!("no token service address: pass --listen IP:PORT (or set NODE_IP in Kubernetes)")
+        }
     };
     let SocketAddr::V4(v4) = addr else {
         bail!("--listen {addr}: IMDS is IPv4-only, so the redirect target must be an IPv4 address");
     };
     if v4.ip().is_loopback() || v4.ip().is_unspecified() || v4.port() == 0 {
-        bail!("--listen {addr}: use the node's own IP and a fixed port; loopback or 0.0.0.0 is not reachable from pods");
+        bail!(
+            "--listen {addr}: use the node's own IP and a fixed port; loopback or 0.0.0.0 is not reachable from pods"
+        );
     }
     Ok(v4)
 }
@@ -52,9 +62,11 @@ fn listen_addr(args: &RunArgs) -> anyhow::Result<SocketAddrV4> {
 fn bind(addr: SocketAddrV4) -> anyhow::Result<TcpListener> {
     let socket = tokio::net::TcpSocket::new_v4().context("creating the token listener socket")?;
     socket.set_reuseaddr(true)?;
-    socket
-        .bind(addr.into())
-        .with_context(|| format!("binding the token service to {addr} (is that the node's IP, and is the port free?)"))?;
+    socket.bind(addr.into()).with_context(|| {
+        format!(
+            "binding the token service to {addr} (is that the node's IP, and is the port free?)"
+        )
+    })?;
     Ok(socket.listen(LISTEN_BACKLOG)?)
 }
 
@@ -62,19 +74,64 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
     let mount = cgroupfs::cgroup2_mount()?;
     let cgroup = match (&args.cgroup, &args.bindings) {
         (Some(dir), _) => dir.clone(),
-        (None, Some(_)) => bail!("--cgroup is required in standalone mode (--bindings): name the subtree to intercept"),
+        (None, Some(_)) => bail!(
+            "--cgroup is required in standalone mode (--bindings): name the subtree to intercept"
+        ),
         (None, None) => cgroupfs::kubepods(&mount)?,
     };
     let cgroup = cgroupfs::check_under_mount(&cgroup, &mount)?;
     let listen = listen_addr(&args)?;
-    let own = cgroupfs::own_cgroup(&mount)?;
+    let own = cgroupfs::own_cgroup(&mount, &cgroup)?;
     let own_id = cgroupfs::cgroup_id(&own)?;
 
     // Listen before attaching, so the first redirected connect already finds us.
     let listener = bind(listen)?;
-    let health_listener = health::bind(args.health_listen).await.map_err(anyhow::Error::msg)?;
+    let health_listener = health::bind(args.health_listen)
+        .await
+        .map_err(anyhow::Error::msg)?;
     let readiness = Arc::new(health::Readiness::default());
 
+    // Bindings before the kernel: a bad bindings file or an unreachable API configuration fails before anything is
+    // attached.
+    let config = imds::Config {
+        imds_url: args.imds_url.clone(),
+        forward_instance_metadata: args.forward_instance_metadata,
+        authority_host: args.authority_host.clone(),
+        ..imds::Config::default()
+    };
+    let (source, service) = match &args.bindings {
+        Some(path) => {
+            let file =
+                Arc::new(FileSource::load(path.clone()).map_err(|e| anyhow::anyhow!("{e}"))?);
+            for warning in file.warnings() {
+                tracing::warn!(%warning, "bindings file");
+            }
+            file.spawn_reloader(file::DEFAULT_POLL);
+            let source = Source::File(file);
+            let service = imds::Service::new(config, source.clone(), NoSecretStore)?;
+            (source, service)
+        }
+        None => {
+            let node_name = args
+                .node_name
+                .clone()
+                .context("Kubernetes mode needs --node-name (or NODE_NAME from the downward API); or pass --bindings")?;
+            let client = kube::Client::try_default()
+                .await
+                .context("connecting to the Kubernetes API (in-cluster config or KUBECONFIG)")?;
+            let kube_config = KubeConfig {
+                cluster_wide: args.cluster_wide_bindings,
+                ..KubeConfig::new(node_name)
+            };
+            let source = Source::Kube(Arc::new(KubeSource::start(client.clone(), kube_config)?));
+            let service = if args.service_principals {
+                imds::Service::new(config, source.clone(), KubeSecrets::new(client))?
+            } else {
+                imds::Service::new(config, source.clone(), NoSecretStore)?
+            };
+            (source, service)
+        }
+    };
     let opts = datapath::Options {
         cgroup: cgroup.clone(),
         pin_dir: args.pin_dir.clone(),
@@ -95,28 +152,97 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
         "kernel programs attached"
     );
 
-    let attestor = Arc::new(Attestor::new(Arc::clone(&datapath), Arc::new(CgroupResolver::new(cgroup))));
-    readiness.bindings_loaded.store(true, Ordering::Release);
+    let attestor = Arc::new(Attestor::new(
+        Arc::clone(&datapath),
+        Arc::new(CgroupResolver::new(cgroup)),
+    ));
 
     let mut metrics = Metrics::new();
     metrics.register_datapath(Arc::clone(&datapath));
     let metrics = Arc::new(metrics);
-    tokio::spawn(health::serve(health_listener, Arc::clone(&readiness), Arc::clone(&metrics)));
+    tokio::spawn(health::serve(
+        health_listener,
+        Arc::clone(&readiness),
+        Arc::clone(&metrics),
+    ));
+
+    let service = Arc::new(service.with_metrics(Arc::clone(&metrics)));
+    service.spawn_refresher();
+    service.spawn_binding_watch(source.bound_client_ids());
+    track_bindings(source.clone(), Arc::clone(&readiness), Arc::clone(&metrics));
 
     let (stop_tx, stop_rx) = watch::channel(false);
     tokio::spawn(async move {
         wait_for_stop().await;
         let _ = stop_tx.send(true);
     });
-    tracing::info!(listen = %listen, health = %args.health_listen, "ready");
-    server::serve(listener, attestor, Arc::new(Placeholder), Arc::clone(&metrics), server::Limits::default(), stop_rx).await;
-    tracing::info!("stopping; the kernel programs stay attached, so pods' IMDS calls fail closed until we are back");
+    tokio::spawn(announce_ready(
+        Arc::clone(&readiness),
+        listen,
+        args.health_listen,
+    ));
+    server::serve(
+        listener,
+        attestor,
+        service,
+        metrics,
+        server::Limits::default(),
+        stop_rx,
+    )
+    .await;
+    tracing::info!(
+        "stopping; the kernel programs stay attached, so pods' IMDS calls fail closed until we are back"
+    );
     Ok(())
+}
+
+/// Marks bindings loaded once the source has them (Kubernetes: every reflector listed once), and keeps the bindings
+/// gauge current.
+fn track_bindings(source: Source, readiness: Arc<health::Readiness>, metrics: Arc<Metrics>) {
+    let mut bound = source.bound_client_ids();
+    tokio::spawn(async move {
+        loop {
+            if source.ready() {
+                readiness.bindings_loaded.store(true, Ordering::Release);
+            }
+            metrics
+                .bindings_loaded
+                .set(bound.borrow_and_update().len() as i64);
+            tokio::select! {
+                changed = bound.changed() => if changed.is_err() { return },
+                _ = tokio::time::sleep(std::time::Duration::from_millis(200)), if !source.ready() => {},
+            }
+        }
+    });
+}
+
+/// Logs `ready` once, when everything `/readyz` checks is in place.
+async fn announce_ready(
+    readiness: Arc<health::Readiness>,
+    listen: SocketAddrV4,
+    health: SocketAddr,
+) {
+    let mut last_missing = Vec::new();
+    loop {
+        let missing = readiness.missing();
+        if missing.is_empty() {
+            tracing::info!(listen = %listen, health = %health, "ready");
+            return;
+        }
+        if missing != last_missing {
+            tracing::info!(missing = %missing.join("; "), "waiting to be ready");
+            last_missing = missing;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
 }
 
 async fn wait_for_stop() {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         std::future::pending::<()>().await;
         return;
     };
@@ -126,18 +252,12 @@ async fn wait_for_stop() {
     }
 }
 
-struct Placeholder;
-
-impl server::Handler for Placeholder {
+impl<R: Resolve + Send + Sync + 'static> server::Handler for imds::Service<R> {
     async fn handle(
         &self,
-        _caller: Arc<crate::attest::Attestation>,
-        _req: hyper::Request<hyper::body::Incoming>,
+        caller: Arc<Attestation>,
+        req: hyper::Request<hyper::body::Incoming>,
     ) -> hyper::Response<http_body_util::Full<bytes::Bytes>> {
-        let mut resp = hyper::Response::new(http_body_util::Full::new(bytes::Bytes::from_static(
-            br#"{"error":"invalid_request","error_description":"Identity not found"}"#,
-        )));
-        *resp.status_mut() = http::StatusCode::BAD_REQUEST;
-        resp
+        imds::Service::handle(self, &caller, req).await
     }
 }

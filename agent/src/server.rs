@@ -77,7 +77,11 @@ pub async fn serve<L, H>(
                 continue;
             }
         };
-        let (attestor, handler, metrics) = (Arc::clone(&attestor), Arc::clone(&handler), Arc::clone(&metrics));
+        let (attestor, handler, metrics) = (
+            Arc::clone(&attestor),
+            Arc::clone(&handler),
+            Arc::clone(&metrics),
+        );
         tokio::spawn(async move {
             connection(stream, peer, &attestor, handler, &metrics, limits).await;
             drop(permit);

@@ -32,7 +32,8 @@ pub fn connect4(ctx: &SockAddrContext) -> i32 {
     if is_exempt(cgroup_id) {
         return ALLOW;
     }
-    let (sock_type, protocol, user_port) = unsafe { ((*sa).type_, (*sa).protocol, (*sa).user_port) };
+    let (sock_type, protocol, user_port) =
+        unsafe { ((*sa).type_, (*sa).protocol, (*sa).user_port) };
     let original = Endpoint4::from_sock_addr(user_ip4, user_port);
     if sock_type != SOCK_STREAM || protocol != IPPROTO_TCP || original.port() != IMDS_PORT {
         count(Counter::Refused);

@@ -1,6 +1,8 @@
 //! `cgroup/getpeername4`: a redirected socket reports the address its caller asked for, as it would without us.
 
-use aya_ebpf::{EbpfContext, bindings::bpf_sock_addr, helpers::bpf_get_socket_cookie, programs::SockAddrContext};
+use aya_ebpf::{
+    EbpfContext, bindings::bpf_sock_addr, helpers::bpf_get_socket_cookie, programs::SockAddrContext,
+};
 
 use super::{ALLOW, maps::NMI_SOCKETS};
 

@@ -6,7 +6,7 @@ use aya_ebpf::{
 };
 
 use crate::abi::{
-    ConnKey, ConnRecord, Counter, EXEMPT_MAX, RedirectConfig, CONNS_MAX, SOCKETS_MAX,
+    CONNS_MAX, ConnKey, ConnRecord, Counter, EXEMPT_MAX, RedirectConfig, SOCKETS_MAX,
 };
 
 #[map]
@@ -24,7 +24,6 @@ pub static NMI_CONNS: LruHashMap<ConnKey, ConnRecord> = LruHashMap::pinned(CONNS
 
 #[map]
 pub static NMI_COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(Counter::COUNT, 0);
-
 
 #[inline(always)]
 pub fn count(counter: Counter) {

@@ -10,7 +10,9 @@ use std::{
 
 #[derive(Debug, thiserror::Error)]
 pub enum CgroupError {
-    #[error("no cgroup2 filesystem in /proc/self/mountinfo; nmi-agent needs cgroup v2 (unified hierarchy)")]
+    #[error(
+        "no cgroup2 filesystem in /proc/self/mountinfo; nmi-agent needs cgroup v2 (unified hierarchy)"
+    )]
     NoCgroup2,
     #[error("reading {path}: {source}")]
     Io {
@@ -19,6 +21,10 @@ pub enum CgroupError {
     },
     #[error("{0} is not inside the cgroup v2 mount {1}; pass a directory under it")]
     OutsideMount(PathBuf, PathBuf),
+    #[error(
+        "could not find this process's own cgroup (cgroup namespace hides it and no cgroup.procs lists our pid)"
+    )]
+    OwnCgroupNotFound,
     #[error("found no kubelet pods cgroup (kubepods.slice or kubepods) under {0}; pass --cgroup")]
     NoKubepods(PathBuf),
 }
@@ -38,7 +44,8 @@ pub fn cgroup2_mount_in(mountinfo: &str) -> Option<PathBuf> {
         .filter_map(|line| {
             let (pre, post) = line.split_once(" - ")?;
             let mount_point = pre.split_whitespace().nth(4)?;
-            (post.split_whitespace().next()? == "cgroup2").then(|| PathBuf::from(unescape(mount_point)))
+            (post.split_whitespace().next()? == "cgroup2")
+                .then(|| PathBuf::from(unescape(mount_point)))
         })
         .collect();
     mounts
@@ -54,7 +61,9 @@ fn unescape(field: &str) -> String {
     let mut rest = field;
     while let Some(i) = rest.find('\\') {
         out.push_str(&rest[..i]);
-        let code = rest.get(i + 1..i + 4).and_then(|o| u8::from_str_radix(o, 8).ok());
+        let code = rest
+            .get(i + 1..i + 4)
+            .and_then(|o| u8::from_str_radix(o, 8).ok());
         match code {
             Some(c) => {
                 out.push(char::from(c));
@@ -77,14 +86,45 @@ pub fn cgroup2_mount() -> Result<PathBuf, CgroupError> {
 }
 
 /// This process's cgroup v2 directory.
-pub fn own_cgroup(mount: &Path) -> Result<PathBuf, CgroupError> {
+///
+/// `/proc/self/cgroup` names it relative to our cgroup namespace. A container usually has its own (containerd does
+/// this on cgroup v2), and then the file says `0::/` although we sit deep under `kubepods.slice`; joining that with
+/// the host's mount would name the root. So when the path is the root, look for the cgroup that lists our pid,
+/// first under `search_root` (the intercepted subtree, where an agent running as a pod lives), then the whole mount.
+pub fn own_cgroup(mount: &Path, search_root: &Path) -> Result<PathBuf, CgroupError> {
     let path = Path::new("/proc/self/cgroup");
     let text = fs::read_to_string(path).map_err(io(path))?;
     let rel = text
         .lines()
         .find_map(|l| l.strip_prefix("0::"))
-        .ok_or(CgroupError::NoCgroup2)?;
-    Ok(mount.join(rel.trim_start_matches('/')))
+        .ok_or(CgroupError::NoCgroup2)?
+        .trim_start_matches('/');
+    if !rel.is_empty() {
+        return Ok(mount.join(rel));
+    }
+    let pid = std::process::id().to_string();
+    let lists_us = |dir: &Path| {
+        fs::read_to_string(dir.join("cgroup.procs"))
+            .is_ok_and(|procs| procs.lines().any(|p| p.trim() == pid))
+    };
+    [search_root, mount]
+        .into_iter()
+        .find_map(|root| find_dir(root, 0, &lists_us))
+        .ok_or(CgroupError::OwnCgroupNotFound)
+}
+
+fn find_dir(dir: &Path, depth: usize, wanted: &impl Fn(&Path) -> bool) -> Option<PathBuf> {
+    if wanted(dir) {
+        return Some(dir.to_owned());
+    }
+    if depth >= WALK_DEPTH_MAX {
+        return None;
+    }
+    fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .find_map(|e| find_dir(&e.path(), depth + 1, wanted))
 }
 
 /// A cgroup's id: the inode number of its directory, which is what `bpf_get_current_cgroup_id` returns.
@@ -170,7 +210,9 @@ fn walk(dir: &Path, rel: &Path, depth: usize, out: &mut HashMap<u64, PathBuf>) {
     if depth >= WALK_DEPTH_MAX {
         return;
     }
-    let Ok(entries) = fs::read_dir(dir) else { return };
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
     for entry in entries.flatten() {
         if entry.file_type().is_ok_and(|t| t.is_dir()) {
             walk(&entry.path(), &rel.join(entry.file_name()), depth + 1, out);
@@ -187,16 +229,25 @@ mod tests {
         let hybrid = "25 30 0:23 / /sys/fs/cgroup ro,nosuid - tmpfs tmpfs ro,mode=755\n\
                       41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw\n\
                       42 25 0:39 / /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory\n";
-        assert_eq!(cgroup2_mount_in(hybrid), Some(PathBuf::from("/sys/fs/cgroup/unified")));
+        assert_eq!(
+            cgroup2_mount_in(hybrid),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
         let aks = "30 23 0:26 / /sys/fs/cgroup rw,nosuid,nodev,noexec,relatime shared:4 - cgroup2 cgroup2 rw,nsdelegate\n";
         assert_eq!(cgroup2_mount_in(aks), Some(PathBuf::from("/sys/fs/cgroup")));
-        assert_eq!(cgroup2_mount_in("1 2 0:3 / /proc rw - proc proc rw\n"), None);
+        assert_eq!(
+            cgroup2_mount_in("1 2 0:3 / /proc rw - proc proc rw\n"),
+            None
+        );
     }
 
     #[test]
     fn mount_points_with_spaces_are_unescaped() {
         let info = "41 31 0:38 / /mnt/my\\040cgroups rw - cgroup2 cgroup2 rw\n";
-        assert_eq!(cgroup2_mount_in(info), Some(PathBuf::from("/mnt/my cgroups")));
+        assert_eq!(
+            cgroup2_mount_in(info),
+            Some(PathBuf::from("/mnt/my cgroups"))
+        );
     }
 
     #[test]
@@ -206,11 +257,17 @@ mod tests {
         fs::create_dir_all(&a).expect("mkdir");
         let resolver = CgroupResolver::new(root.path().to_owned());
         let id_a = cgroup_id(&a).expect("id");
-        assert_eq!(resolver.path_of(id_a), Some(PathBuf::from("/kubepods-burstable.slice/pod1")));
+        assert_eq!(
+            resolver.path_of(id_a),
+            Some(PathBuf::from("/kubepods-burstable.slice/pod1"))
+        );
         // A directory created after the first walk is found by the refresh a miss triggers.
         let b = root.path().join("late");
         fs::create_dir(&b).expect("mkdir");
-        assert_eq!(resolver.path_of(cgroup_id(&b).expect("id")), Some(PathBuf::from("/late")));
+        assert_eq!(
+            resolver.path_of(cgroup_id(&b).expect("id")),
+            Some(PathBuf::from("/late"))
+        );
         assert_eq!(resolver.path_of(u64::MAX), None);
     }
 }

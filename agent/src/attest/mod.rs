@@ -3,11 +3,7 @@
 
 pub mod cgroupfs;
 
-use std::{
-    net::SocketAddrV4,
-    path::PathBuf,
-    sync::Arc,
-};
+use std::{net::SocketAddrV4, path::PathBuf, sync::Arc};
 
 use nmi_agent_ebpf::abi::{ConnKey, ConnRecord};
 
@@ -31,8 +27,13 @@ pub struct Attestation {
 
 #[derive(Debug, thiserror::Error)]
 pub enum AttestError {
-    #[error("no redirect record for {peer} -> {local}: the connection did not come through the kernel redirect")]
-    NoRecord { peer: SocketAddrV4, local: SocketAddrV4 },
+    #[error(
+        "no redirect record for {peer} -> {local}: the connection did not come through the kernel redirect"
+    )]
+    NoRecord {
+        peer: SocketAddrV4,
+        local: SocketAddrV4,
+    },
     #[error("the connection is not IPv4 ({0}); only redirected IPv4 connections are served")]
     NotIpv4(std::net::SocketAddr),
     #[error("reading the redirect map: {0}")]
@@ -69,8 +70,13 @@ impl<L: ConnLookup> Attestor<L> {
     }
 
     /// Attests the peer of an accepted connection. `local` is the agent's side of it.
-    pub fn attest(&self, peer: std::net::SocketAddr, local: std::net::SocketAddr) -> Result<Attestation, AttestError> {
-        let (std::net::SocketAddr::V4(peer4), std::net::SocketAddr::V4(local4)) = (peer, local) else {
+    pub fn attest(
+        &self,
+        peer: std::net::SocketAddr,
+        local: std::net::SocketAddr,
+    ) -> Result<Attestation, AttestError> {
+        let (std::net::SocketAddr::V4(peer4), std::net::SocketAddr::V4(local4)) = (peer, local)
+        else {
             return Err(AttestError::NotIpv4(peer));
         };
         let key = ConnKey::accepted(peer4, local4);
@@ -83,7 +89,10 @@ impl<L: ConnLookup> Attestor<L> {
             .conns
             .lookup(&key)
             .map_err(AttestError::Map)?
-            .ok_or(AttestError::NoRecord { peer: peer4, local: local4 })?;
+            .ok_or(AttestError::NoRecord {
+                peer: peer4,
+                local: local4,
+            })?;
         Ok(Attestation {
             peer: peer4,
             cgroup_id,

@@ -34,7 +34,15 @@ pub fn ensure_bpffs(pin_dir: &Path) -> Result<(), String> {
     let target = CString::new(DEFAULT_BPFFS).map_err(|e| e.to_string())?;
     let fstype = CString::new("bpf").map_err(|e| e.to_string())?;
     // SAFETY: valid NUL-terminated strings; no data argument.
-    let rc = unsafe { libc::mount(fstype.as_ptr(), target.as_ptr(), fstype.as_ptr(), 0, std::ptr::null()) };
+    let rc = unsafe {
+        libc::mount(
+            fstype.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
     if rc != 0 {
         return Err(format!(
             "mounting bpffs at {DEFAULT_BPFFS}: {} (needs CAP_SYS_ADMIN; on Kubernetes mount the host's /sys/fs/bpf)",

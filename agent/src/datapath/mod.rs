@@ -22,9 +22,7 @@ use aya::{
         links::{FdLink, LinkError},
     },
 };
-use nmi_agent_ebpf::abi::{
-    self, ConnKey, ConnRecord, Counter, LAYOUT_VERSION, RedirectConfig,
-};
+use nmi_agent_ebpf::abi::{self, ConnKey, ConnRecord, Counter, LAYOUT_VERSION, RedirectConfig};
 
 pub use bpffs::ensure_bpffs;
 
@@ -42,7 +40,9 @@ pub enum DatapathError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("loading the eBPF object: {0} (needs root or CAP_BPF + CAP_NET_ADMIN, and a kernel >= 5.8 with BTF)")]
+    #[error(
+        "loading the eBPF object: {0} (needs root or CAP_BPF + CAP_NET_ADMIN, and a kernel >= 5.8 with BTF)"
+    )]
     Load(#[from] aya::EbpfError),
     #[error("program {name}: {source}")]
     Program {
@@ -50,7 +50,10 @@ pub enum DatapathError {
         source: aya::programs::ProgramError,
     },
     #[error("program {name}: taking its link: {source}")]
-    Link { name: &'static str, source: LinkError },
+    Link {
+        name: &'static str,
+        source: LinkError,
+    },
     #[error("pinning {path}: {source}")]
     Pin {
         path: PathBuf,
@@ -61,8 +64,13 @@ pub enum DatapathError {
         name: &'static str,
         source: aya::maps::MapError,
     },
-    #[error("the eBPF object has no {kind} named {name}; the binary and its object are out of step")]
-    Missing { kind: &'static str, name: &'static str },
+    #[error(
+        "the eBPF object has no {kind} named {name}; the binary and its object are out of step"
+    )]
+    Missing {
+        kind: &'static str,
+        name: &'static str,
+    },
     #[error("{0}")]
     Bpffs(String),
 }
@@ -122,19 +130,32 @@ impl Datapath {
         }
         let previous = list_dir(&links_dir)?;
 
-        let mut ebpf = EbpfLoader::new().default_map_pin_directory(&maps_dir).load(OBJECT)?;
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&maps_dir)
+            .load(OBJECT)?;
         configure(&mut ebpf, opts)?;
 
         let cgroup = fs::File::open(&opts.cgroup).map_err(io("opening cgroup", &opts.cgroup))?;
-        let generation = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+        let generation = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
         let mut links = Vec::new();
         // The guard and the bookkeeping programs go first, the redirect last: at no point is a redirect live without
         // the sockops program that makes it attestable.
-        for name in [abi::PROG_EGRESS, abi::PROG_SOCKOPS, abi::PROG_GETPEERNAME4, abi::PROG_CONNECT6, abi::PROG_CONNECT4] {
+        for name in [
+            abi::PROG_EGRESS,
+            abi::PROG_SOCKOPS,
+            abi::PROG_GETPEERNAME4,
+            abi::PROG_CONNECT6,
+            abi::PROG_CONNECT4,
+        ] {
             let link = attach(&mut ebpf, name, &cgroup)?;
             // bpffs reserves names containing a dot, hence the dash.
             let path = links_dir.join(format!("{name}-{generation}"));
-            link.pin(&path).map_err(|source| DatapathError::Pin { path: path.clone(), source })?;
+            link.pin(&path).map_err(|source| DatapathError::Pin {
+                path: path.clone(),
+                source,
+            })?;
             links.push(path);
         }
 
@@ -202,37 +223,65 @@ pub fn uninstall(pin_dir: &Path) -> Result<bool, DatapathError> {
 fn configure(ebpf: &mut Ebpf, opts: &Options) -> Result<(), DatapathError> {
     let mut config: Array<_, RedirectConfig> = Array::try_from(
         ebpf.map_mut(abi::MAP_CONFIG)
-            .ok_or(DatapathError::Missing { kind: "map", name: abi::MAP_CONFIG })?,
+            .ok_or(DatapathError::Missing {
+                kind: "map",
+                name: abi::MAP_CONFIG,
+            })?,
     )
-    .map_err(|source| DatapathError::Map { name: abi::MAP_CONFIG, source })?;
+    .map_err(|source| DatapathError::Map {
+        name: abi::MAP_CONFIG,
+        source,
+    })?;
     config
-        .set(0, RedirectConfig { target: opts.redirect.into() }, 0)
-        .map_err(|source| DatapathError::Map { name: abi::MAP_CONFIG, source })?;
+        .set(
+            0,
+            RedirectConfig {
+                target: opts.redirect.into(),
+            },
+            0,
+        )
+        .map_err(|source| DatapathError::Map {
+            name: abi::MAP_CONFIG,
+            source,
+        })?;
 
-    let mut exempt: HashMap<_, u64, u32> = HashMap::try_from(
-        ebpf.map_mut(abi::MAP_EXEMPT)
-            .ok_or(DatapathError::Missing { kind: "map", name: abi::MAP_EXEMPT })?,
-    )
-    .map_err(|source| DatapathError::Map { name: abi::MAP_EXEMPT, source })?;
+    let mut exempt: HashMap<_, u64, u32> = HashMap::try_from(ebpf.map_mut(abi::MAP_EXEMPT).ok_or(
+        DatapathError::Missing {
+            kind: "map",
+            name: abi::MAP_EXEMPT,
+        },
+    )?)
+    .map_err(|source| DatapathError::Map {
+        name: abi::MAP_EXEMPT,
+        source,
+    })?;
     for &id in &opts.exempt {
         if exempt.insert(id, 1, 0).is_err() {
             // Full of ids from earlier agents' cgroups (a cgroup id is never reused): start the set over.
-            let stale: Vec<u64> = exempt.keys().filter_map(Result::ok).filter(|k| !opts.exempt.contains(k)).collect();
+            let stale: Vec<u64> = exempt
+                .keys()
+                .filter_map(Result::ok)
+                .filter(|k| !opts.exempt.contains(k))
+                .collect();
             for k in stale {
                 let _ = exempt.remove(&k);
             }
             exempt
                 .insert(id, 1, 0)
-                .map_err(|source| DatapathError::Map { name: abi::MAP_EXEMPT, source })?;
+                .map_err(|source| DatapathError::Map {
+                    name: abi::MAP_EXEMPT,
+                    source,
+                })?;
         }
     }
     Ok(())
 }
 
 fn attach(ebpf: &mut Ebpf, name: &'static str, cgroup: &fs::File) -> Result<FdLink, DatapathError> {
-    let program = ebpf
-        .program_mut(name)
-        .ok_or(DatapathError::Missing { kind: "program", name })?;
+    let program = ebpf.program_mut(name).ok_or(DatapathError::Missing {
+        kind: "program",
+        name,
+    })?;
     let err = |source| DatapathError::Program { name, source };
     let link_err = |source| DatapathError::Link { name, source };
     // Cgroup bpf_links already run side by side; any mode other than Single makes the kernel reject the link
@@ -251,10 +300,17 @@ fn attach(ebpf: &mut Ebpf, name: &'static str, cgroup: &fs::File) -> Result<FdLi
         }
         Program::CgroupSkb(p) => {
             p.load().map_err(err)?;
-            let id = p.attach(cgroup, CgroupSkbAttachType::Egress, mode).map_err(err)?;
+            let id = p
+                .attach(cgroup, CgroupSkbAttachType::Egress, mode)
+                .map_err(err)?;
             p.take_link(id).map_err(err)?.try_into().map_err(link_err)?
         }
-        _ => return Err(DatapathError::Missing { kind: "cgroup program", name }),
+        _ => {
+            return Err(DatapathError::Missing {
+                kind: "cgroup program",
+                name,
+            });
+        }
     };
     Ok(link)
 }
@@ -263,7 +319,9 @@ fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DatapathError>
 where
     T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
 {
-    let map = ebpf.take_map(name).ok_or(DatapathError::Missing { kind: "map", name })?;
+    let map = ebpf
+        .take_map(name)
+        .ok_or(DatapathError::Missing { kind: "map", name })?;
     T::try_from(map).map_err(|source| DatapathError::Map { name, source })
 }
 
@@ -279,10 +337,15 @@ fn remove_pin(path: &Path) {
 }
 
 fn retire_other_layouts(pin_dir: &Path, current: &Path) {
-    let Ok(entries) = fs::read_dir(pin_dir) else { return };
+    let Ok(entries) = fs::read_dir(pin_dir) else {
+        return;
+    };
     for entry in entries.flatten() {
         let path = entry.path();
-        let is_layout = entry.file_name().to_str().is_some_and(|n| n.starts_with('v'));
+        let is_layout = entry
+            .file_name()
+            .to_str()
+            .is_some_and(|n| n.starts_with('v'));
         if is_layout && path != current {
             tracing::info!(path = %path.display(), "retiring pins of another layout version");
             if let Err(e) = fs::remove_dir_all(&path) {
@@ -303,7 +366,6 @@ fn raise_memlock_limit() {
         tracing::debug!("could not raise RLIMIT_MEMLOCK; fine on kernels >= 5.11");
     }
 }
-
 
 impl<T: ConnLookup> ConnLookup for std::sync::Arc<T> {
     fn lookup(&self, key: &ConnKey) -> Result<Option<ConnRecord>, String> {

@@ -100,11 +100,14 @@ pub fn select(bound: &[Arc<Identity>], selector: &Selector) -> Result<Arc<Identi
     let matches = |id: &Identity| match selector {
         Selector::Default => true,
         Selector::ClientId(want) => id.client_id.eq_ignore_ascii_case(want),
-        Selector::ObjectId(want) => id.object_id.as_deref().is_some_and(|o| o.eq_ignore_ascii_case(want)),
-        Selector::ResourceId(want) => id
-            .resource_id
+        Selector::ObjectId(want) => id
+            .object_id
             .as_deref()
-            .is_some_and(|r| r.trim_end_matches('/').eq_ignore_ascii_case(want.trim_end_matches('/'))),
+            .is_some_and(|o| o.eq_ignore_ascii_case(want)),
+        Selector::ResourceId(want) => id.resource_id.as_deref().is_some_and(|r| {
+            r.trim_end_matches('/')
+                .eq_ignore_ascii_case(want.trim_end_matches('/'))
+        }),
     };
     if bound.is_empty() {
         return Err(Denial::NothingBound);
@@ -113,7 +116,11 @@ pub fn select(bound: &[Arc<Identity>], selector: &Selector) -> Result<Arc<Identi
     match found.as_slice() {
         [] => Err(Denial::NotBound),
         // The same identity bound twice (two bindings, one identity) is not ambiguous.
-        [first, rest @ ..] if rest.iter().all(|id| id.client_id.eq_ignore_ascii_case(&first.client_id)) => {
+        [first, rest @ ..]
+            if rest
+                .iter()
+                .all(|id| id.client_id.eq_ignore_ascii_case(&first.client_id)) =>
+        {
             Ok(Arc::clone(first))
         }
         many => Err(Denial::Ambiguous(many.len())),
@@ -153,12 +160,10 @@ impl Source {
 }
 
 impl Resolve for Source {
-    fn resolve(&self, caller: &Attestation) -> impl std::future::Future<Output = Binding> + Send {
-        async move {
-            match self {
-                Source::File(f) => f.resolve_cgroup(caller.cgroup.as_deref()),
-                Source::Kube(k) => k.resolve_cgroup(caller.cgroup.as_deref()).await,
-            }
+    async fn resolve(&self, caller: &Attestation) -> Binding {
+        match self {
+            Source::File(f) => f.resolve_cgroup(caller.cgroup.as_deref()),
+            Source::Kube(k) => k.resolve_cgroup(caller.cgroup.as_deref()).await,
         }
     }
 }
@@ -172,7 +177,9 @@ mod tests {
             name: name.into(),
             namespace: None,
             client_id: client_id.into(),
-            resource_id: Some(format!("/subscriptions/s/resourceGroups/rg/providers/Microsoft.ManagedIdentity/userAssignedIdentities/{name}")),
+            resource_id: Some(format!(
+                "/subscriptions/s/resourceGroups/rg/providers/Microsoft.ManagedIdentity/userAssignedIdentities/{name}"
+            )),
             object_id: None,
             kind: IdentityKind::UserAssigned,
         })
@@ -181,31 +188,52 @@ mod tests {
     #[test]
     fn one_bound_identity_serves_default_requests() {
         let a = mi("a", "AAAA");
-        assert_eq!(select(&[a.clone()], &Selector::Default), Ok(a));
+        assert_eq!(select(std::slice::from_ref(&a), &Selector::Default), Ok(a));
     }
 
     #[test]
     fn several_bound_and_none_requested_is_ambiguous_whatever_the_order() {
         let (a, b) = (mi("a", "aaaa"), mi("b", "bbbb"));
-        assert_eq!(select(&[a.clone(), b.clone()], &Selector::Default), Err(Denial::Ambiguous(2)));
-        assert_eq!(select(&[b, a], &Selector::Default), Err(Denial::Ambiguous(2)));
+        assert_eq!(
+            select(&[a.clone(), b.clone()], &Selector::Default),
+            Err(Denial::Ambiguous(2))
+        );
+        assert_eq!(
+            select(&[b, a], &Selector::Default),
+            Err(Denial::Ambiguous(2))
+        );
     }
 
     #[test]
     fn selectors_pick_only_bound_identities() {
         let (a, b) = (mi("a", "aaaa"), mi("b", "bbbb"));
         let bound = [a.clone(), b.clone()];
-        assert_eq!(select(&bound, &Selector::ClientId("BBBB".into())), Ok(b.clone()));
-        assert_eq!(select(&bound, &Selector::ClientId("cccc".into())), Err(Denial::NotBound));
+        assert_eq!(
+            select(&bound, &Selector::ClientId("BBBB".into())),
+            Ok(b.clone())
+        );
+        assert_eq!(
+            select(&bound, &Selector::ClientId("cccc".into())),
+            Err(Denial::NotBound)
+        );
         let res = a.resource_id.clone().unwrap_or_default().to_uppercase();
         assert_eq!(select(&bound, &Selector::ResourceId(res)), Ok(a));
-        assert_eq!(select(&bound, &Selector::ObjectId("x".into())), Err(Denial::NotBound));
-        assert_eq!(select(&[], &Selector::ClientId("aaaa".into())), Err(Denial::NothingBound));
+        assert_eq!(
+            select(&bound, &Selector::ObjectId("x".into())),
+            Err(Denial::NotBound)
+        );
+        assert_eq!(
+            select(&[], &Selector::ClientId("aaaa".into())),
+            Err(Denial::NothingBound)
+        );
     }
 
     #[test]
     fn one_identity_bound_twice_is_not_ambiguous() {
         let a = mi("a", "aaaa");
-        assert_eq!(select(&[a.clone(), mi("a-again", "AAAA")], &Selector::Default), Ok(a));
+        assert_eq!(
+            select(&[a.clone(), mi("a-again", "AAAA")], &Selector::Default),
+            Ok(a)
+        );
     }
 }

@@ -106,7 +106,8 @@ impl Metrics {
 
     /// Adds the kernel's own counters and map occupancy, read at scrape time.
     pub fn register_datapath(&mut self, datapath: Arc<Datapath>) {
-        self.registry.register_collector(Box::new(KernelCollector(datapath)));
+        self.registry
+            .register_collector(Box::new(KernelCollector(datapath)));
     }
 
     pub fn render(&self) -> String {
@@ -137,7 +138,12 @@ impl Collector for KernelCollector {
             let metric = ConstCounter::new(value);
             let name = format!("kernel_{}", counter.name());
             let help = format!("Kernel datapath events: {}", counter.help());
-            metric.encode(encoder.encode_descriptor(&name, &help, None, metric.metric_type())?)?;
+            metric.encode(encoder.encode_descriptor(
+                &name,
+                &help,
+                None,
+                metric.metric_type(),
+            )?)?;
         }
         let tracked = ConstGauge::new(self.0.tracked_connections() as i64);
         tracked.encode(encoder.encode_descriptor(
