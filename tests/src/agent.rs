@@ -1,0 +1,331 @@
+//! The real `nmi-agent` binary, run inside a topology: in the node namespace, in cgroup `intercepted/agent`.
+
+use std::fs::OpenOptions;
+use std::net::{IpAddr, SocketAddr, SocketAddrV4};
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::topology::{Pod, Topology};
+
+/// The agent's `--listen` port on the bridge address.
+pub const LISTEN_PORT: u16 = 2579;
+/// The agent's `--health-listen` port on the node namespace's loopback (private to the topology).
+pub const HEALTH_PORT: u16 = 9464;
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// One audit record: the agent's account of one accepted connection.
+#[derive(Clone, Debug, Deserialize)]
+pub struct Audit {
+    /// The connection's remote end as the agent saw it: the caller's `local` address.
+    pub peer: SocketAddr,
+    /// `attested` or `refused`.
+    pub verdict: String,
+    /// For attested: cgroup path relative to the agent's `--cgroup` dir, with a leading slash (`/pod-a`).
+    pub cgroup: Option<String>,
+    pub cgroup_id: Option<u64>,
+    pub pid: Option<u32>,
+    /// For refused: why.
+    pub reason: Option<String>,
+}
+
+pub struct Agent {
+    bin: PathBuf,
+    args: Vec<String>,
+    /// Environment variables set on top of the test's own (e.g. `KUBECONFIG`).
+    env: Vec<(String, String)>,
+    /// Where it runs: the agent cgroup in the node namespace.
+    home: Pod,
+    pub listen: SocketAddrV4,
+    pub pin_dir: PathBuf,
+    pub log_path: PathBuf,
+    child: Option<Child>,
+}
+
+impl Agent {
+    /// `$NMI_AGENT_BIN`. The tests must exercise the binary that xtask just built, not whatever a path search
+    /// finds, so there is no fallback.
+    pub fn bin() -> PathBuf {
+        match std::env::var_os("NMI_AGENT_BIN") {
+            Some(p) if !p.is_empty() => PathBuf::from(p),
+            _ => panic!(
+                "NMI_AGENT_BIN is not set: run the end-to-end tests with `cargo xtask test` (it builds the agent \
+                 and the eBPF programs and points NMI_AGENT_BIN at target/release/nmi-agent)"
+            ),
+        }
+    }
+
+    /// Starts the agent on `topo` and waits until it logs `ready`.
+    pub fn start(topo: &Topology, extra: &[&str]) -> Agent {
+        Agent::start_with_env(topo, extra, &[])
+    }
+
+    /// [`Agent::start`] with extra environment variables.
+    pub fn start_with_env(topo: &Topology, extra: &[&str], env: &[(&str, &str)]) -> Agent {
+        let listen = SocketAddrV4::new(topo.bridge_ip, LISTEN_PORT);
+        let mut args: Vec<String> = vec![
+            "run".into(),
+            "--cgroup".into(),
+            topo.intercepted.path.display().to_string(),
+            "--listen".into(),
+            listen.to_string(),
+            "--pin-dir".into(),
+            topo.pin_dir.display().to_string(),
+            "--health-listen".into(),
+            format!("127.0.0.1:{HEALTH_PORT}"),
+            "--log-format".into(),
+            "json".into(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let mut agent = Agent {
+            bin: Agent::bin(),
+            args,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            home: topo.in_agent_cgroup(),
+            listen,
+            pin_dir: topo.pin_dir.clone(),
+            log_path: topo.log_dir.join("agent.log"),
+            child: None,
+        };
+        agent.spawn();
+        agent
+    }
+
+    fn spawn(&mut self) {
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)
+            .unwrap_or_else(|e| panic!("open {}: {e}", self.log_path.display()));
+        // Readiness must come from *this* start, not from an earlier one in the same (appended) log.
+        let from = log.metadata().expect("stat log").len() as usize;
+        let mut cmd = self.home.command(&self.bin);
+        cmd.args(&self.args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("dup log fd"))
+            .stderr(log);
+        if std::env::var_os("RUST_BACKTRACE").is_none() {
+            cmd.env("RUST_BACKTRACE", "1");
+        }
+        self.child = Some(
+            cmd.spawn()
+                .unwrap_or_else(|e| panic!("spawn {}: {e}", self.bin.display())),
+        );
+        self.wait_ready(from);
+    }
+
+    fn wait_ready(&mut self, from: usize) {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            let text = self.log_text();
+            if text
+                .get(from..)
+                .unwrap_or("")
+                .lines()
+                .filter_map(parse_line)
+                .any(|v| v["message"] == "ready")
+            {
+                return;
+            }
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().expect("try_wait"))
+            {
+                self.child = None;
+                panic!(
+                    "nmi-agent exited before ready ({status}); {}",
+                    self.describe()
+                );
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "nmi-agent not ready after {READY_TIMEOUT:?}; {}",
+                    self.describe()
+                );
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// SIGKILL, no chance to clean up: what a crash or an OOM kill looks like. Its pinned programs stay.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the agent again with the same arguments (killing it first if it still runs).
+    pub fn restart(&mut self) {
+        self.kill9();
+        self.spawn();
+    }
+
+    /// `nmi-agent uninstall --pin-dir <dir>`; panics unless it succeeds.
+    pub fn uninstall(&self) -> Output {
+        let mut cmd = Command::new(&self.bin);
+        cmd.args(["uninstall", "--pin-dir"]).arg(&self.pin_dir);
+        let out = cmd
+            .output()
+            .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+        if !out.status.success() {
+            panic!(
+                "{cmd:?} failed ({}):\n{}{}",
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        out
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read(&self.log_path)
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default()
+    }
+
+    /// Every JSON line of the log so far, with tracing's `fields` object merged into the top level (so the
+    /// contract's top-level fields are found whether or not the subscriber flattens events).
+    pub fn logs(&self) -> Vec<Value> {
+        self.log_text().lines().filter_map(parse_line).collect()
+    }
+
+    /// All audit records so far. A line that claims to be an audit record but does not fit the contract panics:
+    /// that is a contract violation, not noise.
+    pub fn audits(&self) -> Vec<Audit> {
+        self.logs()
+            .into_iter()
+            .filter(|v| v["target"] == "audit" && v["event"] == "connection")
+            .map(|v| {
+                let mut a: Audit = serde_json::from_value(v.clone())
+                    .unwrap_or_else(|e| panic!("audit line {v} breaks the contract: {e}"));
+                // An agent listening dual-stack would report v4 peers as v4-mapped v6; callers compare with v4.
+                if let SocketAddr::V6(v6) = a.peer {
+                    let ip = v6
+                        .ip()
+                        .to_ipv4_mapped()
+                        .map_or(IpAddr::V6(*v6.ip()), IpAddr::V4);
+                    a.peer = SocketAddr::new(ip, v6.port());
+                }
+                a
+            })
+            .collect()
+    }
+
+    /// Every token-decision audit record so far (`target: audit`, `event: token`), as logged.
+    pub fn token_audits(&self) -> Vec<Value> {
+        self.logs()
+            .into_iter()
+            .filter(|v| v["target"] == "audit" && v["event"] == "token")
+            .collect()
+    }
+
+    /// Waits until at least `n` audit records exist (the agent may log after the caller already saw EOF) and returns
+    /// them all; returns what there is after `timeout`.
+    pub fn wait_audits(&self, n: usize, timeout: Duration) -> Vec<Audit> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let all = self.audits();
+            if all.len() >= n || Instant::now() > deadline {
+                return all;
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The audit record of the connection whose caller-side address was `local`; panics with the log tail if none
+    /// appears within 5 s.
+    pub fn audit_for(&self, local: SocketAddr) -> Audit {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            if let Some(a) = self.audits().into_iter().find(|a| a.peer == local) {
+                return a;
+            }
+            if Instant::now() > deadline {
+                panic!("no audit record with peer {local}; {}", self.describe());
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The last `n` lines of the log.
+    pub fn log_tail(&self, n: usize) -> String {
+        let text = self.log_text();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+
+    /// Log location and tail, for failure messages.
+    pub fn describe(&self) -> String {
+        format!(
+            "agent log {}, last lines:\n{}",
+            self.log_path.display(),
+            self.log_tail(40)
+        )
+    }
+}
+
+/// A JSON log line with `fields` flattened into the top level; None for non-JSON lines (panic messages, etc.).
+fn parse_line(line: &str) -> Option<Value> {
+    let mut v: Value = serde_json::from_str(line.trim()).ok()?;
+    let obj = v.as_object_mut()?;
+    if let Some(Value::Object(fields)) = obj.remove("fields") {
+        for (k, val) in fields {
+            obj.entry(k).or_insert(val);
+        }
+    }
+    Some(v)
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill9();
+        if thread::panicking() {
+            eprintln!("--- {}\n---", self.describe());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_line_flattens_tracing_fields() {
+        let v = parse_line(
+            r#"{"timestamp":"t","level":"INFO","fields":{"message":"ready"},"target":"nmi_agent"}"#,
+        )
+        .expect("json");
+        assert_eq!(v["message"], "ready");
+        assert_eq!(v["target"], "nmi_agent");
+        assert!(parse_line("thread 'main' panicked at src/main.rs").is_none());
+    }
+
+    #[test]
+    fn audit_fits_contract() {
+        let v = parse_line(
+            r#"{"target":"audit","event":"connection","peer":"10.213.0.2:40000","verdict":"attested","cgroup":"/pod-a","cgroup_id":42,"pid":7}"#,
+        )
+        .expect("json");
+        let a: Audit = serde_json::from_value(v).expect("audit");
+        assert_eq!(a.peer, "10.213.0.2:40000".parse().unwrap());
+        assert_eq!(
+            (a.cgroup.as_deref(), a.cgroup_id, a.pid),
+            (Some("/pod-a"), Some(42), Some(7))
+        );
+    }
+}

@@ -1,0 +1,419 @@
+//! The kernel datapath end to end: the real agent binary with its real eBPF programs, attached to a test's own
+//! cgroup subtree, and processes in pods making the calls a workload would make. One kernel behaviour per test;
+//! each builds and removes its own topology.
+//!
+//! Run: `cargo xtask test`, or by hand (root, after `cargo xtask build`):
+//! `NMI_AGENT_BIN=target/release/nmi-agent cargo test --release -p nmi-agent-e2e --test datapath -- --test-threads=1`
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::thread;
+use std::time::Duration;
+
+use nmi_agent_e2e::probe::Background;
+use nmi_agent_e2e::trap::{IMDS, TRAP_STATUS};
+use nmi_agent_e2e::{Agent, Attempt, Audit, Pod, Topology, require_root};
+
+/// Audit records can trail the caller's EOF; a packet can still be in flight when the probe exits.
+const SETTLE: Duration = Duration::from_millis(300);
+
+/// The agent must be dropped (killed, log tail printed on failure) before the topology removes its world.
+struct World {
+    agent: Agent,
+    topo: Topology,
+}
+
+fn world(test: &str) -> Option<World> {
+    if !require_root(test) {
+        return None;
+    }
+    let topo = Topology::new();
+    // The agent's own upstream calls must not land on the trap (169.254.169.254, the default), or every "trap stays
+    // at zero" assertion would be about the agent's traffic instead of the pods'. Nothing listens on this port.
+    let agent = Agent::start(&topo, &["--imds-url", "http://127.0.0.1:9"]);
+    Some(World { agent, topo })
+}
+
+/// Asserts that `a` went through the agent and the agent attributed it to `pod`'s cgroup and the probe's process.
+fn assert_attested(agent: &Agent, pod: &Pod, a: &Attempt) -> Audit {
+    assert!(
+        a.ok && a.answered(),
+        "{}: no HTTP answer through the agent: {a:?}",
+        pod.label
+    );
+    assert_ne!(
+        a.status.as_deref(),
+        Some(TRAP_STATUS),
+        "{}: answered by the trap, not the agent",
+        pod.label
+    );
+    let local = a.local.expect("connected attempt has a local address");
+    assert_eq!(local.ip(), pod.ip, "{}: source address", pod.label);
+    let audit = agent.audit_for(local);
+    assert_eq!(audit.verdict, "attested", "{}: {audit:?}", pod.label);
+    assert_eq!(
+        audit.cgroup.as_deref(),
+        Some(format!("/{}", pod.label).as_str()),
+        "{}: {audit:?}",
+        pod.label
+    );
+    assert_eq!(
+        audit.cgroup_id,
+        Some(pod.cgroup.id()),
+        "{}: cgroup id: {audit:?}",
+        pod.label
+    );
+    assert_eq!(audit.pid, Some(a.pid), "{}: pid: {audit:?}", pod.label);
+    audit
+}
+
+#[test]
+fn pod_and_host_network_pod_reach_the_agent_attested_as_their_own_cgroup() {
+    let Some(w) = world("datapath::attested") else {
+        return;
+    };
+    for pod in [&w.topo.pod_a, &w.topo.hostnet] {
+        let a = pod.probe_one(&["http"]);
+        assert_attested(&w.agent, pod, &a);
+        // The workload must not notice the redirect: SDKs and proxies look at the peer address.
+        assert_eq!(
+            a.peer,
+            Some(SocketAddr::V4(IMDS)),
+            "{}: getpeername after redirect",
+            pod.label
+        );
+    }
+    thread::sleep(SETTLE);
+    assert_eq!(
+        w.topo.trap.packets(),
+        0,
+        "a redirected connection leaked to 169.254.169.254"
+    );
+}
+
+#[test]
+fn a_thousand_concurrent_connections_from_two_pods_are_all_attributed_correctly() {
+    let Some(w) = world("datapath::thousand") else {
+        return;
+    };
+    let pods = [&w.topo.pod_a, &w.topo.pod_b];
+    let before = w.agent.audits().len();
+    let running: Vec<Background> = pods
+        .iter()
+        .map(|p| {
+            Background::spawn(&mut p.probe_command(&[
+                "http",
+                "--count",
+                "500",
+                "--concurrency",
+                "64",
+            ]))
+        })
+        .collect();
+    let results: Vec<Vec<Attempt>> = running.into_iter().map(Background::finish).collect();
+
+    let failed: Vec<&Attempt> = results
+        .iter()
+        .flatten()
+        .filter(|a| !(a.ok && a.answered()))
+        .collect();
+    // Every connection the agent accepted must be audited, also those whose caller failed later.
+    let connected = results
+        .iter()
+        .flatten()
+        .filter(|a| a.local.is_some())
+        .count();
+    let audits = w
+        .agent
+        .wait_audits(before + connected, Duration::from_secs(20));
+    let mut by_peer: HashMap<SocketAddr, Vec<&Audit>> = HashMap::new();
+    for a in &audits[before..] {
+        by_peer.entry(a.peer).or_default().push(a);
+    }
+    let (mut attested, mut refused, mut missing, mut duplicate, mut misattributed) =
+        (0, 0, 0, 0, Vec::new());
+    for (pod, attempts) in pods.iter().zip(&results) {
+        assert_eq!(attempts.len(), 500, "{}: attempts made", pod.label);
+        for a in attempts.iter().filter(|a| a.local.is_some()) {
+            match by_peer.get(&a.local.expect("checked")).map(Vec::as_slice) {
+                None | Some([]) => missing += 1,
+                Some([audit]) if audit.verdict != "attested" => refused += 1,
+                Some([audit]) => {
+                    let want = (
+                        Some(format!("/{}", pod.label)),
+                        Some(pod.cgroup.id()),
+                        Some(a.pid),
+                    );
+                    if (audit.cgroup.clone(), audit.cgroup_id, audit.pid) == want {
+                        attested += 1;
+                    } else {
+                        misattributed.push(format!("{} {:?} -> {audit:?}", pod.label, a.local));
+                    }
+                }
+                Some(_) => duplicate += 1,
+            }
+        }
+    }
+    println!(
+        "1000 connections: {attested} attested correctly, {} misattributed, {refused} refused, {missing} not \
+         audited, {duplicate} audited twice, {} failed at the caller",
+        misattributed.len(),
+        failed.len()
+    );
+    let mut kinds: BTreeMap<String, usize> = BTreeMap::new();
+    for a in &failed {
+        *kinds
+            .entry(format!("{:?}/{:?}/{:?}", a.stage, a.error, a.status))
+            .or_default() += 1;
+    }
+    assert!(
+        failed.is_empty(),
+        "{} callers failed, by stage/error/status: {kinds:?}",
+        failed.len()
+    );
+    assert!(
+        misattributed.is_empty(),
+        "misattributed: {misattributed:#?}"
+    );
+    assert_eq!(
+        (refused, missing, duplicate),
+        (0, 0, 0),
+        "refused, not audited, audited twice"
+    );
+    assert_eq!(attested, 1000);
+    thread::sleep(SETTLE);
+    assert_eq!(
+        w.topo.trap.packets(),
+        0,
+        "a redirected connection leaked to 169.254.169.254"
+    );
+}
+
+#[test]
+fn bypass_attempts_from_a_pod_fail_and_never_reach_imds() {
+    let Some(w) = world("datapath::bypass") else {
+        return;
+    };
+    let trap = &w.topo.trap;
+    let pod = &w.topo.pod_a;
+
+    // First prove the trap would see these very packets: from the same pod namespace but outside the intercepted
+    // subtree, a UDP datagram and a raw packet must arrive. Otherwise "the counter stayed at 0" proves nothing.
+    let control = w.topo.outside_in(pod);
+    for mode in [&["udp"][..], &["raw"], &["raw", "--hdrincl"]] {
+        let before = trap.packets();
+        let a = control.probe_one(mode);
+        assert!(a.ok, "control {mode:?} could not send: {a:?}");
+        let after = trap.wait_above(before, Duration::from_secs(2));
+        assert!(
+            after > before,
+            "control {mode:?} from outside the intercepted cgroup did not reach the trap"
+        );
+    }
+    let baseline = trap.packets();
+
+    let eperm = Some(libc::EPERM);
+    let refused_connects = [
+        (
+            &["v6mapped"][..],
+            "TCP over IPv6 to ::ffff:169.254.169.254:80",
+        ),
+        (&["connect", "--addr", "169.254.169.254:443"], "TCP to :443"),
+        (&["udp", "--connect"], "connected UDP to :80"),
+    ];
+    for (args, what) in refused_connects {
+        let a = pod.probe_one(args);
+        assert!(
+            !a.ok && a.errno == eperm,
+            "{what}: expected EPERM at connect, got {a:?}"
+        );
+    }
+    // These skip connect; the egress guard must drop the packets. Whether the send call reports it is not the
+    // contract (a silent drop is as good), so only the trap decides, below.
+    let mut unconnected = Vec::new();
+    for args in [
+        &["udp"][..],
+        &["udp", "--addr", "[::ffff:169.254.169.254]:80"],
+        &["raw"],
+        &["raw", "--hdrincl"],
+    ] {
+        unconnected.push(pod.probe_one(args));
+    }
+
+    // Talking to the agent's port directly gets a connection but no record in the kernel's map: refused.
+    let direct = w.agent.listen.to_string();
+    let a = pod.probe_one(&["http", "--addr", &direct]);
+    let local = a
+        .local
+        .unwrap_or_else(|| panic!("direct connect to the agent at {direct} failed: {a:?}"));
+    assert!(
+        !a.answered(),
+        "the agent answered a connection that was not redirected: {a:?}"
+    );
+    let audit = w.agent.audit_for(local);
+    assert_eq!(audit.verdict, "refused", "{audit:?}");
+    assert!(
+        audit.reason.as_deref().is_some_and(|r| !r.is_empty()),
+        "refusal without a reason: {audit:?}"
+    );
+
+    thread::sleep(SETTLE);
+    assert_eq!(
+        trap.packets(),
+        baseline,
+        "a bypass attempt reached 169.254.169.254; unconnected sends: {unconnected:#?}"
+    );
+}
+
+#[test]
+fn agent_crash_fails_closed_restart_resumes_and_uninstall_restores_direct_access() {
+    let Some(mut w) = world("datapath::crash") else {
+        return;
+    };
+    let (trap, pod_a, pod_b) = (&w.topo.trap, &w.topo.pod_a, &w.topo.pod_b);
+
+    // A workload retrying all the time, across the crash and the restart.
+    let looping = Background::spawn(&mut pod_b.probe_command(&[
+        "http",
+        "--count",
+        "0",
+        "--until-stdin-eof",
+        "--interval-ms",
+        "10",
+        "--timeout-ms",
+        "3000",
+    ]));
+    thread::sleep(SETTLE);
+
+    w.agent.kill9();
+    let a = pod_a.probe_one(&["connect"]);
+    assert_eq!(
+        a.error.as_deref(),
+        Some("ConnectionRefused"),
+        "connect with the agent dead: {a:?}"
+    );
+    assert!(
+        a.elapsed_us < 1_000_000,
+        "failing closed took {} µs",
+        a.elapsed_us
+    );
+    thread::sleep(SETTLE);
+    assert_eq!(
+        trap.packets(),
+        0,
+        "with the agent dead, a pod reached 169.254.169.254"
+    );
+
+    w.agent.restart();
+    assert_attested(&w.agent, pod_a, &pod_a.probe_one(&["http"]));
+    thread::sleep(SETTLE);
+    let looped = looping.finish();
+    let failures: Vec<&Attempt> = looped.iter().filter(|a| !a.answered()).collect();
+    let last_failure = looped.iter().rposition(|a| !a.answered());
+    println!(
+        "restart loop: {} attempts, {} without an answer",
+        looped.len(),
+        failures.len()
+    );
+    assert!(
+        !failures.is_empty(),
+        "the loop never saw the agent down, so it proves nothing: {} attempts",
+        looped.len()
+    );
+    assert!(
+        last_failure.is_some_and(|i| looped[i + 1..].iter().any(Attempt::answered)),
+        "the loop was not served again after the restart"
+    );
+    // Failing closed must also fail fast: an SDK stuck in a timeout is an outage of its own.
+    let slow: Vec<&&Attempt> = failures
+        .iter()
+        .filter(|a| a.elapsed_us >= 1_000_000)
+        .collect();
+    assert!(
+        slow.is_empty(),
+        "failures that took a second or more: {slow:#?}"
+    );
+    assert_eq!(
+        trap.packets(),
+        0,
+        "while the agent restarted, a pod reached 169.254.169.254"
+    );
+
+    w.agent.kill9();
+    let out = w.agent.uninstall();
+    assert!(
+        !w.agent.pin_dir.exists(),
+        "uninstall left {}: {out:?}",
+        w.agent.pin_dir.display()
+    );
+    // With the programs gone, the pod's default route takes it straight to "IMDS": the trap answers and counts.
+    let listener = trap.listen_tcp(80);
+    let a = pod_a.probe_one(&["http"]);
+    assert_eq!(
+        a.status.as_deref(),
+        Some(TRAP_STATUS),
+        "after uninstall the pod should reach 169.254.169.254: {a:?}"
+    );
+    assert!(listener.accepted().contains(&a.local.expect("connected")));
+    assert!(
+        trap.packets() > 0,
+        "trap counter did not see the direct connection"
+    );
+}
+
+#[test]
+fn the_agents_own_cgroup_is_not_redirected() {
+    let Some(w) = world("datapath::exempt") else {
+        return;
+    };
+    let listener = w.topo.trap.listen_tcp(80);
+
+    let own = w.topo.in_agent_cgroup().probe_one(&["http"]);
+    assert_eq!(
+        own.status.as_deref(),
+        Some(TRAP_STATUS),
+        "agent cgroup did not reach 169.254.169.254: {own:?}"
+    );
+    let own_local = own.local.expect("connected");
+    assert!(listener.accepted().contains(&own_local));
+
+    // Control: the same call from the same namespace, one cgroup over, is redirected (else the exemption is
+    // indistinguishable from programs that are not attached at all).
+    let host = &w.topo.hostnet;
+    assert_attested(&w.agent, host, &host.probe_one(&["http"]));
+    assert!(
+        w.agent.audits().iter().all(|a| a.peer != own_local),
+        "the agent's own connection was redirected to itself"
+    );
+}
+
+#[test]
+fn a_process_outside_the_intercepted_subtree_is_untouched() {
+    let Some(w) = world("datapath::outside") else {
+        return;
+    };
+    let listener = w.topo.trap.listen_tcp(80);
+    let pod = &w.topo.pod_a;
+
+    let before = w.topo.trap.packets();
+    let outside = w.topo.outside_in(pod).probe_one(&["http"]);
+    assert_eq!(
+        outside.status.as_deref(),
+        Some(TRAP_STATUS),
+        "outside/ did not reach 169.254.169.254: {outside:?}"
+    );
+    assert_eq!(outside.peer, Some(SocketAddr::V4(IMDS)));
+    let local = outside.local.expect("connected");
+    assert!(listener.accepted().contains(&local));
+    assert!(
+        w.topo.trap.wait_above(before, Duration::from_secs(2)) > before,
+        "trap did not count it"
+    );
+
+    // Control: the same pod namespace, intercepted cgroup, goes to the agent.
+    assert_attested(&w.agent, pod, &pod.probe_one(&["http"]));
+    assert!(
+        w.agent.audits().iter().all(|a| a.peer != local),
+        "the agent saw a connection from outside/"
+    );
+}

@@ -1,0 +1,231 @@
+//! `cargo xtask test`: the README's test command and what CI runs. Each step is timed; the first failure stops the
+//! run, and the closing `xtask: N passed, 0 failed` line is what CI looks for.
+
+use std::{
+    env,
+    fmt::Write as _,
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Result, anyhow};
+
+use crate::{
+    artifacts::{self, Profile},
+    cmd::{self, announce},
+    host::{self, Apt},
+    manifests,
+};
+
+const TOTAL_STEPS: usize = 7;
+
+pub fn test(root: &Path, quick: bool) -> Result<()> {
+    let mut steps = Steps::default();
+
+    steps.run("fmt", || {
+        cmd::run(
+            cmd::cargo()
+                .args(["fmt", "--all", "--", "--check"])
+                .current_dir(root),
+            "formatting differs; run `cargo fmt --all` and review the diff",
+        )
+    })?;
+    steps.run("clippy", || {
+        cmd::run(
+            cmd::cargo()
+                .args([
+                    "clippy",
+                    "--workspace",
+                    "--all-targets",
+                    "--",
+                    "-D",
+                    "warnings",
+                ])
+                .current_dir(root),
+            "fix the lints above (warnings count as errors)",
+        )
+    })?;
+    steps.run("unit tests", || {
+        cmd::run(
+            cmd::cargo()
+                .args(["test", "--workspace", "--exclude", "nmi-agent-e2e"])
+                .current_dir(root),
+            "a unit test failed; its name and assertion are above",
+        )
+    })?;
+    steps.run("manifests", || manifests::validate_manifests(root))?;
+    let built = steps.run("build", || artifacts::build(root, Profile::Release))?;
+
+    if quick {
+        steps.skip("host tools", "--quick");
+        steps.skip("end-to-end tests", "--quick");
+        return steps.finish();
+    }
+    if !host::is_root()? {
+        steps.skip("host tools", "not root");
+        println!(
+            "\n{}",
+            banner("SKIPPED end-to-end tests: need root (cgroups, network namespaces, eBPF)")
+        );
+        if is_ci() {
+            return steps.fail(
+                "end-to-end tests",
+                anyhow!(
+                    "CI must run the end-to-end tests, and they need root: run `.ci/run` as root"
+                ),
+            );
+        }
+        steps.skip("end-to-end tests", "not root");
+        return steps.finish();
+    }
+
+    let venv = artifacts::target_dir(root).join("pyenv");
+    let python = steps.run("host tools", || {
+        let mut apt = Apt::default();
+        host::ensure_host_tools(&mut apt)?;
+        host::ensure_python_clients(root, &venv, &mut apt)
+    })?;
+    steps.run("end-to-end tests", || {
+        let mut e2e = cmd::cargo();
+        e2e.args([
+            "test",
+            "--release",
+            "--package",
+            "nmi-agent-e2e",
+            "--",
+            "--test-threads=1",
+        ])
+        .current_dir(root)
+        .env("NMI_AGENT_BIN", built.agent())
+        .env("NMI_E2E_BIN_DIR", &built.bin_dir)
+        // Same value as the build step, so cargo does not rebuild the agent with an empty eBPF stand-in.
+        .env("NMI_AGENT_EBPF_OBJ", &built.ebpf_object)
+        .env("RUST_BACKTRACE", "1");
+        if let Some(python) = &python {
+            e2e.env("NMI_E2E_PYTHON", python);
+        }
+        cmd::run(
+            &mut e2e,
+            "an end-to-end test failed; its name and output are above",
+        )
+    })?;
+    steps.finish()
+}
+
+fn is_ci() -> bool {
+    env::var("CI").is_ok_and(|value| value.eq_ignore_ascii_case("true") || value == "1")
+}
+
+enum Outcome {
+    Passed,
+    Failed,
+    Skipped(&'static str),
+}
+
+#[derive(Default)]
+struct Steps {
+    done: Vec<(&'static str, Outcome, Duration)>,
+}
+
+impl Steps {
+    fn run<T>(&mut self, name: &'static str, step: impl FnOnce() -> Result<T>) -> Result<T> {
+        println!("\n==> [{}/{TOTAL_STEPS}] {name}", self.done.len() + 1);
+        let start = Instant::now();
+        let result = step();
+        let elapsed = start.elapsed();
+        match result {
+            Ok(value) => {
+                announce(format!("{name}: passed in {}", format_duration(elapsed)));
+                self.done.push((name, Outcome::Passed, elapsed));
+                Ok(value)
+            }
+            Err(error) => {
+                self.done.push((name, Outcome::Failed, elapsed));
+                self.print_summary();
+                Err(error.context(format!("step `{name}` failed")))
+            }
+        }
+    }
+
+    fn skip(&mut self, name: &'static str, reason: &'static str) {
+        println!(
+            "\n==> [{}/{TOTAL_STEPS}] {name}: skipped ({reason})",
+            self.done.len() + 1
+        );
+        self.done
+            .push((name, Outcome::Skipped(reason), Duration::ZERO));
+    }
+
+    fn fail<T>(mut self, name: &'static str, error: anyhow::Error) -> Result<T> {
+        self.done.push((name, Outcome::Failed, Duration::ZERO));
+        self.print_summary();
+        Err(error.context(format!("step `{name}` failed")))
+    }
+
+    fn finish(self) -> Result<()> {
+        self.print_summary();
+        Ok(())
+    }
+
+    fn print_summary(&self) {
+        let mut table = String::from("\nxtask: summary\n");
+        let mut total = Duration::ZERO;
+        let (mut passed, mut failed) = (0, 0);
+        for (name, outcome, elapsed) in &self.done {
+            total += *elapsed;
+            let result = match outcome {
+                Outcome::Passed => {
+                    passed += 1;
+                    "passed".to_owned()
+                }
+                Outcome::Failed => {
+                    failed += 1;
+                    "FAILED".to_owned()
+                }
+                Outcome::Skipped(reason) => format!("skipped ({reason})"),
+            };
+            let _ = writeln!(
+                table,
+                "  {name:<18} {result:<22} {:>9}",
+                format_duration(*elapsed)
+            );
+        }
+        let _ = writeln!(
+            table,
+            "  {:<18} {:<22} {:>9}",
+            "total",
+            "",
+            format_duration(total)
+        );
+        print!("{table}");
+        println!("xtask: {passed} passed, {failed} failed");
+    }
+}
+
+fn banner(message: &str) -> String {
+    let rule = "!".repeat(message.len() + 8);
+    format!("{rule}\n!!  {message}  !!\n{rule}")
+}
+
+fn format_duration(elapsed: Duration) -> String {
+    let seconds = elapsed.as_secs_f64();
+    if seconds < 60.0 {
+        format!("{seconds:.1}s")
+    } else {
+        let minutes = (seconds / 60.0).floor();
+        format!("{minutes:.0}m{:04.1}s", seconds - minutes * 60.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::format_duration;
+
+    #[test]
+    fn durations_read_as_seconds_then_minutes() {
+        assert_eq!(format_duration(Duration::from_millis(1_240)), "1.2s");
+        assert_eq!(format_duration(Duration::from_secs(75)), "1m15.0s");
+    }
+}
