@@ -89,26 +89,45 @@ const STAMP: &str = ".nmi-requirements-stamp";
 /// no Python clients. Reinstalls only when the requirements file changes.
 pub fn ensure_python_clients(root: &Path, venv: &Path, apt: &mut Apt) -> Result<Option<PathBuf>> {
     let requirements = root.join(REQUIREMENTS);
-    let wanted = match fs::read(&requirements) {
-        Ok(bytes) => format!("{:016x}\n", fnv1a64(&bytes)),
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(error) => {
-            return Err(error).with_context(|| format!("cannot read {}", requirements.display()));
-        }
-    };
+    if !requirements.exists() {
+        return Ok(None);
+    }
+    ensure_venv(venv, &requirements, apt, |_| true).map(Some)
+}
+
+/// The python of a venv at `venv` with `requirements` installed. Installs only when the venv is missing or broken,
+/// `installed` says a tool is missing, or the requirements changed since the last install (a stamp in the venv).
+pub fn ensure_venv(
+    venv: &Path,
+    requirements: &Path,
+    apt: &mut Apt,
+    installed: impl Fn(&Path) -> bool,
+) -> Result<PathBuf> {
+    let bytes = fs::read(requirements)
+        .with_context(|| format!("cannot read {}", requirements.display()))?;
+    let wanted = format!("{:016x}\n", fnv1a64(&bytes));
     let python = venv.join("bin/python");
     let stamp = venv.join(STAMP);
 
     let venv_works = cmd::succeeds(Command::new(&python).args(["-c", "import sys"]));
-    if venv_works && fs::read_to_string(&stamp).is_ok_and(|have| have == wanted) {
-        announce(format!("python clients up to date in {}", venv.display()));
-        return Ok(Some(python));
+    if venv_works && installed(venv) && fs::read_to_string(&stamp).is_ok_and(|have| have == wanted)
+    {
+        announce(format!(
+            "{} up to date in {}",
+            requirements.display(),
+            venv.display()
+        ));
+        return Ok(python);
     }
     if !venv_works {
         create_venv(venv, apt)?;
     }
 
-    announce(format!("installing {REQUIREMENTS} into {}", venv.display()));
+    announce(format!(
+        "installing {} into {}",
+        requirements.display(),
+        venv.display()
+    ));
     cmd::run(
         Command::new(&python)
             .args([
@@ -119,11 +138,11 @@ pub fn ensure_python_clients(root: &Path, venv: &Path, apt: &mut Apt) -> Result<
                 "-q",
                 "-r",
             ])
-            .arg(&requirements),
+            .arg(requirements),
         "pip install failed; needs network access to PyPI",
     )?;
     fs::write(&stamp, wanted).with_context(|| format!("cannot write {}", stamp.display()))?;
-    Ok(Some(python))
+    Ok(python)
 }
 
 fn create_venv(venv: &Path, apt: &mut Apt) -> Result<()> {

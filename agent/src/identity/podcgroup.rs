@@ -62,17 +62,8 @@ fn canonical_uid(uid: &str) -> Option<String> {
     let hex = uid.bytes().filter(|b| *b != b'-').count();
     let ok = uid.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-')
         && hex == 32
-        && (!uid.contains('-') || is_uuid(uid));
+        && (!uid.contains('-') || super::file::is_guid(uid));
     ok.then(|| uid.to_ascii_lowercase())
-}
-
-fn is_uuid(s: &str) -> bool {
-    let groups: Vec<&str> = s.split('-').collect();
-    groups.len() == 5
-        && groups
-            .iter()
-            .zip([8, 4, 4, 4, 12])
-            .all(|(g, len)| g.len() == len && g.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
 fn container_component(name: &str) -> Option<Container> {

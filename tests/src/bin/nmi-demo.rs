@@ -72,6 +72,17 @@ fn main() -> ExitCode {
         );
         return ExitCode::from(2);
     }
+    let hold = match std::env::args().skip(1).collect::<Vec<_>>().as_slice() {
+        [] => false,
+        [flag] if flag == "--hold" => true,
+        _ => {
+            eprintln!(
+                "usage: nmi-demo [--hold]   (run it with `cargo xtask demo [--hold]`)\n  \
+                 --hold  keep the topology, the agent and the emulators up after the scenario, until Ctrl-C"
+            );
+            return ExitCode::from(2);
+        }
+    };
     install_signal_handlers();
     let paths = match Paths::from_env() {
         Ok(paths) => paths,
@@ -90,14 +101,10 @@ fn main() -> ExitCode {
     }));
 
     let started = Instant::now();
-    let outcome = panic::catch_unwind(AssertUnwindSafe(|| scenario(&paths)));
+    let outcome = panic::catch_unwind(AssertUnwindSafe(|| scenario(&paths, hold)));
     *TOPOLOGY_CGROUP.lock().unwrap_or_else(|e| e.into_inner()) = None;
     let leftovers = leftovers();
     let code = match outcome {
-        _ if interrupted() => {
-            eprintln!("\nnmi-demo: interrupted; the topology is removed");
-            ExitCode::from(130)
-        }
         Ok(Ok(true)) => {
             println!(
                 "\nnmi-demo: all expectations held ({:.1} s)",
@@ -110,6 +117,10 @@ fn main() -> ExitCode {
                 "\nnmi-demo: FAILED: the outcomes marked above are not what the scenario expects"
             );
             ExitCode::FAILURE
+        }
+        _ if interrupted() => {
+            eprintln!("\nnmi-demo: interrupted; the topology is removed");
+            ExitCode::from(130)
         }
         Ok(Err(Stop::Setup(message))) => {
             eprintln!("\nnmi-demo: setup failed: {message}");
@@ -455,7 +466,7 @@ fn step(started: &Instant, message: &str) {
 
 /// The whole demo; Ok(true) when every expectation held. The topology and everything in it is dropped (removed)
 /// before this returns, also when it panics.
-fn scenario(paths: &Paths) -> Result<bool, Stop> {
+fn scenario(paths: &Paths, hold: bool) -> Result<bool, Stop> {
     let t0 = Instant::now();
     println!(
         "nmi-agent demo: two teams' pods on one node, one Key Vault, unchanged Azure SDK clients\n"
@@ -697,6 +708,22 @@ fn scenario(paths: &Paths) -> Result<bool, Stop> {
     }
 
     print_next_steps();
+    if hold {
+        let cgroup = orders.cgroup.path.join("cgroup.procs");
+        println!(
+            "\nHolding the topology until Ctrl-C. Ask for a token as the orders pod would (enter its network namespace,\n\
+             join its cgroup, then call IMDS as usual):\n  \
+             nsenter --net={} sh -c 'echo $$ > {} && exec curl -s -H Metadata:true \
+             \"http://169.254.169.254/metadata/identity/oauth2/token?api-version=2018-02-01&resource=https://vault.azure.net\"'\n\
+             Agent log: {}",
+            orders.netns.path().display(),
+            cgroup.display(),
+            agent.log_path.display()
+        );
+        while !interrupted() {
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
     Ok(passed)
 }
 
@@ -836,7 +863,7 @@ fn print_audits(
 fn print_next_steps() {
     println!(
         "\nWhere to look next:\n\
-         \x20 README.md              what nmi-agent is, how to install it on AKS\n\
+         \x20 README.md              what nmi-agent is and how to run it\n\
          \x20 docs/architecture.md   how a connect to 169.254.169.254 becomes an attested, per-pod token\n\
          \x20 docs/configuration.md  flags, the bindings file this demo used (tests/demo/bindings.yaml), Kubernetes mode\n\
          \x20 cargo xtask test       every check CI runs, including the end-to-end tests behind this demo"
