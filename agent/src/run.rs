@@ -141,6 +141,10 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
     let datapath = tokio::task::spawn_blocking(move || Datapath::start(&opts))
         .await
         .context("datapath start panicked")??;
+    let mut datapath = datapath;
+    if let Some(log) = datapath.take_kernel_log() {
+        tokio::spawn(datapath::forward_kernel_log(log));
+    }
     let datapath = Arc::new(datapath);
     readiness.programs_attached.store(true, Ordering::Release);
     tracing::info!(

@@ -30,7 +30,13 @@ fn world(test: &str) -> Option<World> {
     let topo = Topology::new();
     // The agent's own upstream calls must not land on the trap (169.254.169.254, the default), or every "trap stays
     // at zero" assertion would be about the agent's traffic instead of the pods'. Nothing listens on this port.
-    let agent = Agent::start(&topo, &["--imds-url", "http://127.0.0.1:9"]);
+    // Standalone mode with no identities: these tests are about interception and attestation, not tokens.
+    let bindings = nmi_agent_e2e::bindings::write(&topo.log_dir, &[], &[]);
+    let bindings = bindings.display().to_string();
+    let agent = Agent::start(
+        &topo,
+        &["--bindings", &bindings, "--imds-url", "http://127.0.0.1:9"],
+    );
     Some(World { agent, topo })
 }
 
@@ -228,6 +234,24 @@ fn bypass_attempts_from_a_pod_fail_and_never_reach_imds() {
             "{what}: expected EPERM at connect, got {a:?}"
         );
     }
+    // The kernel program's own log record about the refusal reaches the agent's log (aya-log -> log -> tracing).
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    let kernel_said = |agent: &Agent| {
+        agent.logs().iter().any(|line| {
+            line.get("message")
+                .and_then(|m| m.as_str())
+                .is_some_and(|m| m.contains("refused connect to 169.254.169.254:443"))
+        })
+    };
+    while !kernel_said(&w.agent) && std::time::Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        kernel_said(&w.agent),
+        "the connect4 program's log record about the refused :443 connect is not in the agent's log:\n{}",
+        w.agent.log_tail(20)
+    );
+
     // These skip connect; the egress guard must drop the packets. Whether the send call reports it is not the
     // contract (a silent drop is as good), so only the trap decides, below.
     let mut unconnected = Vec::new();

@@ -1,4 +1,4 @@
-//! `cargo xtask bench`: the benchmarks behind docs/benchmarks (the binary is still to be written).
+//! `cargo xtask bench`: builds, then runs `nmi-bench` as root (see docs/benchmarks.md); extra arguments go to it.
 
 use std::path::Path;
 

@@ -9,6 +9,8 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 
+use aya_log_ebpf::{error, info};
+
 use super::{
     ALLOW, REJECT,
     maps::{NMI_CONFIG, NMI_SOCKETS, count, is_exempt},
@@ -37,6 +39,14 @@ pub fn connect4(ctx: &SockAddrContext) -> i32 {
     let original = Endpoint4::from_sock_addr(user_ip4, user_port);
     if sock_type != SOCK_STREAM || protocol != IPPROTO_TCP || original.port() != IMDS_PORT {
         count(Counter::Refused);
+        info!(
+            ctx,
+            "refused connect to 169.254.169.254:{} (socket type {}, protocol {}) from cgroup {}",
+            original.port(),
+            sock_type,
+            protocol,
+            cgroup_id
+        );
         return REJECT;
     }
     // No redirect target configured yet means nobody could attest this caller: refuse, never pass through.
@@ -58,6 +68,10 @@ pub fn connect4(ctx: &SockAddrContext) -> i32 {
     };
     if NMI_SOCKETS.insert(&cookie, &record, 0).is_err() {
         count(Counter::RecordFailed);
+        error!(
+            ctx,
+            "could not record a redirected socket of cgroup {}; connect refused", cgroup_id
+        );
         return REJECT;
     }
     let (ip4, port) = target.to_sock_addr();
@@ -79,9 +93,14 @@ pub fn connect6(ctx: &SockAddrContext) -> i32 {
     if ip6[3] != IMDS_IP4_RAW || ip6[2] != mapped_prefix || ip6[1] != 0 || ip6[0] != 0 {
         return ALLOW;
     }
-    if is_exempt(unsafe { bpf_get_current_cgroup_id() }) {
+    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    if is_exempt(cgroup_id) {
         return ALLOW;
     }
     count(Counter::Refused);
+    info!(
+        ctx,
+        "refused IPv6 connect to ::ffff:169.254.169.254 from cgroup {}", cgroup_id
+    );
     REJECT
 }

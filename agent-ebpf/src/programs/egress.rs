@@ -2,6 +2,7 @@
 //! through connect (UDP, raw sockets, a socket connected before we attached) is dropped here.
 
 use aya_ebpf::{helpers::bpf_skb_cgroup_id, programs::SkBuffContext};
+use aya_log_ebpf::debug;
 
 use super::{
     ALLOW, REJECT,
@@ -29,5 +30,10 @@ pub fn egress(ctx: &SkBuffContext) -> i32 {
         return ALLOW;
     }
     count(Counter::EgressDropped);
+    // Debug only: a pod can send these as fast as it likes; the counter carries the volume.
+    debug!(
+        ctx,
+        "dropped a packet to 169.254.169.254 from cgroup {}", cgroup_id
+    );
     REJECT
 }

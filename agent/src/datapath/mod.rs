@@ -26,6 +26,9 @@ use nmi_agent_ebpf::abi::{self, ConnKey, ConnRecord, Counter, LAYOUT_VERSION, Re
 
 pub use bpffs::ensure_bpffs;
 
+/// Reads the records the kernel programs write with aya-log.
+pub type KernelLog = aya_log::EbpfLogger<&'static dyn log::Log>;
+
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/nmi-agent-ebpf.o"));
 
 #[derive(Debug, thiserror::Error)]
@@ -96,6 +99,7 @@ pub trait ConnLookup {
 /// The loaded, attached and pinned datapath.
 pub struct Datapath {
     conns: HashMap<MapData, ConnKey, ConnRecord>,
+    kernel_log: Option<KernelLog>,
     counters: PerCpuArray<MapData, u64>,
     links: Vec<PathBuf>,
     // Kept so program fds (and later the kernel log reader) stay valid for the agent's lifetime.
@@ -130,8 +134,11 @@ impl Datapath {
         }
         let previous = list_dir(&links_dir)?;
 
+        // The programs skip formatting records the agent's log level would drop anyway.
+        let log_level = log::max_level() as u8;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&maps_dir)
+            .override_global(aya_log::LEVEL, &log_level, false)
             .load(OBJECT)?;
         configure(&mut ebpf, opts)?;
 
@@ -165,14 +172,27 @@ impl Datapath {
         }
         retire_other_layouts(&opts.pin_dir, &state);
 
+        let kernel_log = match aya_log::EbpfLogger::init(&mut ebpf) {
+            Ok(logger) => Some(logger),
+            Err(e) => {
+                tracing::warn!(error = %e, "the kernel programs' log records will not reach this log");
+                None
+            }
+        };
         let conns = take_map(&mut ebpf, abi::MAP_CONNS)?;
         let counters = take_map(&mut ebpf, abi::MAP_COUNTERS)?;
         Ok(Datapath {
             conns,
+            kernel_log,
             counters,
             links,
             _ebpf: ebpf,
         })
+    }
+
+    /// The reader of the kernel programs' log records (once); see [`forward_kernel_log`].
+    pub fn take_kernel_log(&mut self) -> Option<KernelLog> {
+        self.kernel_log.take()
     }
 
     /// Paths of the pinned links of this run.
@@ -208,6 +228,30 @@ impl ConnLookup for Datapath {
             Err(aya::maps::MapError::KeyNotFound) => Ok(None),
             Err(e) => Err(e.to_string()),
         }
+    }
+}
+
+/// Passes the kernel programs' log records on to the agent's log (as `log` records, which the tracing subscriber
+/// takes in) until the reader fails.
+pub async fn forward_kernel_log(log: KernelLog) {
+    // SAFETY: the logger owns its ring buffer's fd, which stays open and the same until the AsyncFd drops it.
+    let registered = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(log, tokio::io::Interest::READABLE)
+    };
+    let mut reader = match registered {
+        Ok(reader) => reader,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch the kernel programs' log buffer");
+            return;
+        }
+    };
+    loop {
+        let Ok(mut ready) = reader.readable_mut().await else {
+            tracing::warn!("the kernel programs' log buffer can no longer be read");
+            return;
+        };
+        ready.get_inner_mut().flush();
+        ready.clear_ready();
     }
 }
 

@@ -130,10 +130,11 @@ pub enum ProblemKind {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawFile {
+    // Option: a key with nothing under it (`identities:` on a fresh install) is YAML null, and means "none yet".
     #[serde(default)]
-    identities: Vec<Spanned<RawIdentity>>,
+    identities: Option<Vec<Spanned<RawIdentity>>>,
     #[serde(default)]
-    bindings: Vec<Spanned<RawBinding>>,
+    bindings: Option<Vec<Spanned<RawBinding>>>,
 }
 
 #[derive(Deserialize)]
@@ -173,8 +174,8 @@ impl Bindings {
             .all(|l| l.trim().is_empty() || l.trim_start().starts_with('#'))
         {
             RawFile {
-                identities: Vec::new(),
-                bindings: Vec::new(),
+                identities: None,
+                bindings: None,
             }
         } else {
             serde_saphyr::from_str(text).map_err(|e| FileError::Syntax {
@@ -193,7 +194,7 @@ impl Bindings {
         let mut order: Vec<String> = Vec::new();
         let mut by_client_id: HashMap<String, String> = HashMap::new();
 
-        for item in raw.identities {
+        for item in raw.identities.unwrap_or_default() {
             let line = line_of(&item);
             let RawIdentity {
                 name,
@@ -258,7 +259,7 @@ impl Bindings {
         let mut by_path: HashMap<PathBuf, Vec<Arc<Identity>>> = HashMap::new();
         let mut used: BTreeSet<String> = BTreeSet::new();
         let mut bindings = 0;
-        for item in raw.bindings {
+        for item in raw.bindings.unwrap_or_default() {
             let line = line_of(&item);
             let RawBinding { cgroup, identity } = item.value;
             let key = match binding_key(&cgroup) {
@@ -750,6 +751,9 @@ bindings:
         assert_eq!(names(&b, "/"), Some(("/".to_owned(), vec!["a".to_owned()])));
 
         let empty = parse("# nothing yet\n\n").expect("empty file is valid");
+        let keys_only =
+            parse("identities:\nbindings:\n").expect("keys with nothing under them are valid");
+        assert_eq!((keys_only.identities, keys_only.bindings), (0, 0));
         assert_eq!(empty.binding_count(), 0);
         assert!(empty.warnings().iter().any(|w| w.contains("binds nothing")));
         assert!(parse("identities: []\nbindings: []\n").is_ok());

@@ -3,8 +3,8 @@
 //!
 //! 1. Connect path: from pod-a, N sequential TCP connect+close (SO_LINGER 0) to a plain listener on the bridge
 //!    address (backlog 4096, accept loop in the node namespace). (a) nothing attached (agent killed and
-//!    `nmi-agent uninstall`ed), (b) the agent running with its programs on pod-a's parent cgroup. Paired rounds;
-//!    median per-connect µs of each and median of the per-round ratios b/a.
+//!    `nmi-agent uninstall`ed), (b) the agent running with its programs on pod-a's parent cgroup. Paired rounds
+//!    in alternating order; median per-connect µs of each and median of the per-round ratios b/a.
 //! 2. Redirect path: token requests (`Connection: close`, cache hit) from pod-a to 169.254.169.254:80 (redirected to
 //!    the agent) vs the same request straight to the IMDS emulator on the bridge address, C threads for S seconds.
 //! 3. Token cache: per-request latency through the agent, cache hit vs cold miss (a new resource per request;
@@ -149,18 +149,32 @@ fn bench(o: &Opts) {
     for r in 0..o.rounds {
         // Each arm first checks that it is the arm it claims to be: without programs a request to
         // 169.254.169.254 reaches the node namespace's trap (not a 200), with them the agent answers 200.
-        assert_redirect(&pod, false);
-        let (a, ea) = connect_run(&pod, listen, o.connects);
-        let mut agent = Agent::start(&topo, &agent_args);
-        assert_redirect(&pod, true);
-        let (b, eb) = connect_run(&pod, listen, o.connects);
-        agent.kill9();
-        agent.uninstall();
-        drop(agent);
+        // The order alternates (a-b, b-a, ...) so that drift within a round does not favour one arm; either
+        // order costs one agent start per round.
+        let no_agent = || {
+            assert_redirect(&pod, false);
+            connect_run(&pod, listen, o.connects)
+        };
+        let with_agent = || {
+            let mut agent = Agent::start(&topo, &agent_args);
+            assert_redirect(&pod, true);
+            let b = connect_run(&pod, listen, o.connects);
+            agent.kill9();
+            agent.uninstall();
+            b
+        };
+        let ((a, ea), (b, eb)) = if r % 2 == 0 {
+            let a = no_agent();
+            (a, with_agent())
+        } else {
+            let b = with_agent();
+            (no_agent(), b)
+        };
         connect_errors += ea + eb;
         println!(
-            "  round {}: a (no agent) {a:.2} µs, b (agent attached) {b:.2} µs, b/a {:.3}",
+            "  round {} ({}): a (no agent) {a:.2} µs, b (agent attached) {b:.2} µs, b/a {:.3}",
             r + 1,
+            if r % 2 == 0 { "a, b" } else { "b, a" },
             b / a
         );
         a_us.push(a);
@@ -183,6 +197,7 @@ fn bench(o: &Opts) {
     let agent = Agent::start(&topo, &agent_args);
     let agent_pid = agent.pid().expect("agent runs");
     let rss_idle = proc_status_kb(agent_pid, "VmRSS");
+    let hwm_idle = proc_status_kb(agent_pid, "VmHWM");
 
     // --- 2. redirect path throughput --------------------------------------------------------------------------
     println!(
@@ -297,7 +312,12 @@ fn bench(o: &Opts) {
     // --- 4. memory ---------------------------------------------------------------------------------------------
     let rss = proc_status_kb(agent_pid, "VmRSS");
     let hwm = proc_status_kb(agent_pid, "VmHWM");
-    let memory = json!({ "rss_after_start_kb": rss_idle, "rss_after_load_kb": rss, "hwm_kb": hwm });
+    let memory = json!({
+        "rss_after_start_kb": rss_idle,
+        "hwm_after_start_kb": hwm_idle,
+        "rss_after_load_kb": rss,
+        "hwm_kb": hwm,
+    });
 
     let machine = json!({
         "cpus": thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
@@ -382,7 +402,10 @@ fn print_table(r: &Value) {
         "agent VmRSS after start / after load (KiB)",
         format!("{} / {}", m["rss_after_start_kb"], m["rss_after_load_kb"]),
     );
-    row("agent VmHWM (KiB)", format!("{}", m["hwm_kb"]));
+    row(
+        "agent VmHWM after start / after load (KiB)",
+        format!("{} / {}", m["hwm_after_start_kb"], m["hwm_kb"]),
+    );
     println!();
 }
 
