@@ -3,6 +3,7 @@
 use std::{
     net::{SocketAddr, SocketAddrV4},
     sync::{Arc, atomic::Ordering},
+    time::Duration,
 };
 
 use anyhow::{Context, bail};
@@ -180,6 +181,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
         wait_for_stop().await;
         let _ = stop_tx.send(true);
     });
+    watch_upstream(&args.imds_url, Arc::clone(&readiness))?;
     tokio::spawn(announce_ready(
         Arc::clone(&readiness),
         listen,
@@ -214,20 +216,25 @@ fn track_bindings(source: Source, readiness: Arc<health::Readiness>, metrics: Ar
                 .set(bound.borrow_and_update().len() as i64);
             tokio::select! {
                 changed = bound.changed() => if changed.is_err() { return },
-                _ = tokio::time::sleep(std::time::Duration::from_millis(200)), if !source.ready() => {},
+                _ = tokio::time::sleep(Duration::from_millis(200)), if !source.ready() => {},
             }
         }
     });
 }
 
-/// Logs `ready` once, when everything `/readyz` checks is in place.
+/// Logs `serving` once the token service can answer callers, and `ready` once everything `/readyz` checks is in
+/// place; in between, says what is missing whenever that changes.
 async fn announce_ready(
     readiness: Arc<health::Readiness>,
     listen: SocketAddrV4,
     health: SocketAddr,
 ) {
-    let mut last_missing = Vec::new();
+    let (mut serving, mut last_missing) = (false, Vec::new());
     loop {
+        if !serving && readiness.serving() {
+            serving = true;
+            tracing::info!(listen = %listen, health = %health, "serving");
+        }
         let missing = readiness.missing();
         if missing.is_empty() {
             tracing::info!(listen = %listen, health = %health, "ready");
@@ -237,8 +244,50 @@ async fn announce_ready(
             tracing::info!(missing = %missing.join("; "), "waiting to be ready");
             last_missing = missing;
         }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// How often `/readyz` re-checks that IMDS accepts connections; one TCP handshake, far below IMDS's rate limits.
+const UPSTREAM_CHECK_EVERY: Duration = Duration::from_secs(10);
+const UPSTREAM_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Keeps `readiness.upstream_reachable` current with a TCP connect to the IMDS address.
+fn watch_upstream(imds_url: &str, readiness: Arc<health::Readiness>) -> anyhow::Result<()> {
+    let uri: http::Uri = imds_url
+        .parse()
+        .with_context(|| format!("--imds-url {imds_url}"))?;
+    let host = uri
+        .host()
+        .with_context(|| format!("--imds-url {imds_url} has no host"))?
+        .to_owned();
+    let addr = format!("{host}:{}", uri.port_u16().unwrap_or(80));
+    tokio::spawn(async move {
+        let mut was = None;
+        loop {
+            let connect = tokio::net::TcpStream::connect(&addr);
+            let result = match tokio::time::timeout(UPSTREAM_CHECK_TIMEOUT, connect).await {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => Err(format!("no answer within {UPSTREAM_CHECK_TIMEOUT:?}")),
+            };
+            let reachable = result.is_ok();
+            readiness
+                .upstream_reachable
+                .store(reachable, Ordering::Release);
+            if was != Some(reachable) {
+                match result {
+                    Ok(()) => tracing::info!(imds = %addr, "IMDS reachable"),
+                    Err(e) => {
+                        tracing::warn!(imds = %addr, error = %e, "IMDS not reachable; callers get 503 until it is")
+                    }
+                }
+                was = Some(reachable);
+            }
+            tokio::time::sleep(UPSTREAM_CHECK_EVERY).await;
+        }
+    });
+    Ok(())
 }
 
 async fn wait_for_stop() {

@@ -59,7 +59,7 @@ impl Agent {
         }
     }
 
-    /// Starts the agent on `topo` and waits until it logs `ready`.
+    /// Starts the agent on `topo` and waits until it logs `serving` (programs attached, bindings loaded).
     pub fn start(topo: &Topology, extra: &[&str]) -> Agent {
         Agent::start_with_env(topo, extra, &[])
     }
@@ -131,7 +131,7 @@ impl Agent {
                 .unwrap_or("")
                 .lines()
                 .filter_map(parse_line)
-                .any(|v| v["message"] == "ready")
+                .any(|v| v["message"] == "serving")
             {
                 return;
             }
@@ -200,6 +200,31 @@ impl Agent {
 
     /// Every JSON line of the log so far, with tracing's `fields` object merged into the top level (so the
     /// contract's top-level fields are found whether or not the subscriber flattens events).
+    /// `GET /readyz` on the health port, from inside the node namespace: (status code, body).
+    pub fn readyz(&self) -> (u16, String) {
+        self.home.netns.run_in(|| {
+            use std::io::{Read, Write};
+            let addr = std::net::SocketAddr::from(([127, 0, 0, 1], HEALTH_PORT));
+            let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+                .unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+            stream
+                .set_read_timeout(Some(Duration::from_secs(2)))
+                .expect("read timeout");
+            stream
+                .write_all(b"GET /readyz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+                .expect("send /readyz");
+            let mut reply = String::new();
+            let _ = stream.read_to_string(&mut reply);
+            let status = reply
+                .split_whitespace()
+                .nth(1)
+                .and_then(|s| s.parse().ok())
+                .unwrap_or_else(|| panic!("no HTTP status in {reply:?}"));
+            let body = reply.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
+            (status, body)
+        })
+    }
+
     pub fn logs(&self) -> Vec<Value> {
         self.log_text().lines().filter_map(parse_line).collect()
     }

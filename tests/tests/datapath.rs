@@ -78,6 +78,14 @@ fn pod_and_host_network_pod_reach_the_agent_attested_as_their_own_cgroup() {
     let Some(w) = world("datapath::attested") else {
         return;
     };
+    // The agent serves, but its IMDS (nothing listens there) is unreachable: /readyz says so instead of passing.
+    let (status, body) = w.agent.readyz();
+    assert_eq!(status, 503, "/readyz with IMDS unreachable: {body}");
+    assert!(
+        body.contains("IMDS"),
+        "/readyz does not name what is missing: {body}"
+    );
+
     for pod in [&w.topo.pod_a, &w.topo.hostnet] {
         let a = pod.probe_one(&["http"]);
         assert_attested(&w.agent, pod, &a);

@@ -126,6 +126,15 @@ fn python_sdk_in_each_pod_gets_the_token_of_its_own_identity_and_unbound_gets_no
     let Some(mut w) = world("token_service::python_per_pod") else {
         return;
     };
+    // With IMDS (the emulator) reachable and the bindings loaded, /readyz turns 200 within its first check.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut ready = w.agent.readyz();
+    while ready.0 != 200 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        ready = w.agent.readyz();
+    }
+    assert_eq!(ready.0, 200, "/readyz with everything in place: {ready:?}");
+
     let unbound = w.topo.add_pod("pod-c");
     for (pod, identity) in [
         (&w.topo.pod_a, ORDERS),

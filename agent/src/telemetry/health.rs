@@ -24,9 +24,17 @@ use super::metrics::Metrics;
 pub struct Readiness {
     pub programs_attached: AtomicBool,
     pub bindings_loaded: AtomicBool,
+    pub upstream_reachable: AtomicBool,
 }
 
 impl Readiness {
+    /// Whether the token service can answer callers: programs attached and bindings in place. IMDS being unreachable
+    /// does not stop that (callers get IMDS-shaped errors), but it does keep the agent from being ready.
+    pub fn serving(&self) -> bool {
+        self.programs_attached.load(Ordering::Acquire)
+            && self.bindings_loaded.load(Ordering::Acquire)
+    }
+
     /// What is still missing; empty when ready.
     pub fn missing(&self) -> Vec<&'static str> {
         let mut missing = Vec::new();
@@ -35,6 +43,9 @@ impl Readiness {
         }
         if !self.bindings_loaded.load(Ordering::Acquire) {
             missing.push("identity bindings not loaded or synced");
+        }
+        if !self.upstream_reachable.load(Ordering::Acquire) {
+            missing.push("IMDS (--imds-url) not reachable");
         }
         missing
     }
