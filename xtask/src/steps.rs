@@ -14,10 +14,10 @@ use crate::{
     artifacts::{self, Profile},
     cmd::{self, announce},
     host::{self, Apt},
-    manifests,
+    image, manifests,
 };
 
-const TOTAL_STEPS: usize = 7;
+const TOTAL_STEPS: usize = 8;
 
 pub fn test(root: &Path, quick: bool) -> Result<()> {
     let mut steps = Steps::default();
@@ -59,6 +59,7 @@ pub fn test(root: &Path, quick: bool) -> Result<()> {
     if quick {
         steps.skip("host tools", "--quick");
         steps.skip("end-to-end tests", "--quick");
+        steps.skip("image", "--quick");
         return steps.finish();
     }
     if !host::is_root()? {
@@ -76,6 +77,7 @@ pub fn test(root: &Path, quick: bool) -> Result<()> {
             );
         }
         steps.skip("end-to-end tests", "not root");
+        steps.skip("image", "not root");
         return steps.finish();
     }
 
@@ -109,6 +111,8 @@ pub fn test(root: &Path, quick: bool) -> Result<()> {
             "an end-to-end test failed; its name and output are above",
         )
     })?;
+    // The release artefact itself: the static binary in the OCI image the DaemonSet pins by digest.
+    steps.run("image", || image::image(root, false))?;
     steps.finish()
 }
 
