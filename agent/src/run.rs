@@ -72,8 +72,20 @@ fn bind(addr: SocketAddrV4) -> anyhow::Result<TcpListener> {
 }
 
 async fn run_async(args: RunArgs) -> anyhow::Result<()> {
+    // A bad bindings file is the most likely operator error: report it (with its line) before anything else.
+    let file = match &args.bindings {
+        Some(path) => Some(Arc::new(
+            FileSource::load(path.clone()).map_err(|e| anyhow::anyhow!("{e}"))?,
+        )),
+        None => None,
+    };
+    if file.is_none() && args.node_name.is_none() {
+        bail!(
+            "Kubernetes mode needs --node-name (or NODE_NAME from the downward API); for standalone mode pass --bindings"
+        );
+    }
     let mount = cgroupfs::cgroup2_mount()?;
-    let cgroup = match (&args.cgroup, &args.bindings) {
+    let cgroup = match (&args.cgroup, &file) {
         (Some(dir), _) => dir.clone(),
         (None, Some(_)) => bail!(
             "--cgroup is required in standalone mode (--bindings): name the subtree to intercept"
@@ -100,10 +112,8 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
         authority_host: args.authority_host.clone(),
         ..imds::Config::default()
     };
-    let (source, service) = match &args.bindings {
-        Some(path) => {
-            let file =
-                Arc::new(FileSource::load(path.clone()).map_err(|e| anyhow::anyhow!("{e}"))?);
+    let (source, service) = match file {
+        Some(file) => {
             for warning in file.warnings() {
                 tracing::warn!(%warning, "bindings file");
             }
@@ -299,9 +309,17 @@ async fn wait_for_stop() {
         std::future::pending::<()>().await;
         return;
     };
-    tokio::select! {
-        _ = term.recv() => {},
-        _ = int.recv() => {},
+    // SIGHUP's default action ends the process. The bindings file reloads on it (its reloader listens too); in
+    // Kubernetes mode there is nothing to reload, and a stray `kill -HUP` must not take the node's agent down.
+    let mut hup = signal(SignalKind::hangup()).ok();
+    loop {
+        tokio::select! {
+            _ = term.recv() => return,
+            _ = int.recv() => return,
+            Some(_) = async { hup.as_mut()?.recv().await } => {
+                tracing::info!("SIGHUP: bindings are reloaded in standalone mode; nothing else to do");
+            }
+        }
     }
 }
 

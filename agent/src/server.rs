@@ -35,6 +35,9 @@ pub struct Limits {
     pub max_header_bytes: usize,
     /// Connections served at once; further accepts wait for a slot.
     pub max_connections: usize,
+    /// Largest request body accepted. IMDS requests are GETs without one; the body is never read, and a client must
+    /// not be able to stream an endless one through a kept-alive connection.
+    pub max_body_bytes: u64,
 }
 
 impl Default for Limits {
@@ -43,6 +46,7 @@ impl Default for Limits {
             header_read_timeout: Duration::from_secs(5),
             max_header_bytes: 16 * 1024,
             max_connections: 4096,
+            max_body_bytes: 4096,
         }
     }
 }
@@ -121,9 +125,14 @@ async fn connection<L: ConnLookup, H: Handler>(
         cgroup_id = caller.cgroup_id,
         pid = caller.pid,
     );
-    let service = service_fn(move |req| {
+    let service = service_fn(move |req: Request<Incoming>| {
         let (handler, caller) = (Arc::clone(&handler), Arc::clone(&caller));
-        async move { Ok::<_, Infallible>(handler.handle(caller, req).await) }
+        async move {
+            if let Some(refusal) = refuse_body(&req, limits.max_body_bytes) {
+                return Ok::<_, Infallible>(refusal);
+            }
+            Ok(handler.handle(caller, req).await)
+        }
     });
     let served = http1::Builder::new()
         .timer(TokioTimer::new())
@@ -133,5 +142,57 @@ async fn connection<L: ConnLookup, H: Handler>(
         .await;
     if let Err(e) = served {
         tracing::debug!(peer = %peer, error = %e, "connection ended with an error");
+    }
+}
+
+/// A 413 that closes the connection, for a request whose body is larger than `max` or of unknown length (chunked).
+fn refuse_body<B: hyper::body::Body>(req: &Request<B>, max: u64) -> Option<Response<Full<Bytes>>> {
+    let hint = req.body().size_hint();
+    if hint.upper().is_some_and(|upper| upper <= max) {
+        return None;
+    }
+    let mut refusal = crate::imds::response::error(
+        http::StatusCode::PAYLOAD_TOO_LARGE,
+        "invalid_request",
+        "request bodies are not accepted",
+    );
+    refusal.headers_mut().insert(
+        http::header::CONNECTION,
+        http::HeaderValue::from_static("close"),
+    );
+    Some(refusal)
+}
+
+#[cfg(test)]
+mod tests {
+    use http_body_util::{Empty, StreamBody};
+
+    use super::*;
+
+    fn request<B>(body: B) -> Request<B> {
+        let mut req = Request::new(body);
+        *req.uri_mut() = "/metadata/identity/oauth2/token?resource=x"
+            .parse()
+            .expect("uri");
+        req
+    }
+
+    #[test]
+    fn gets_without_a_body_and_small_bodies_pass() {
+        assert!(refuse_body(&request(Empty::<Bytes>::new()), 4096).is_none());
+        assert!(refuse_body(&request(Full::new(Bytes::from_static(b"{}"))), 4096).is_none());
+    }
+
+    #[test]
+    fn large_and_chunked_bodies_are_refused_and_the_connection_closed() {
+        let large =
+            refuse_body(&request(Full::new(Bytes::from(vec![0u8; 4097]))), 4096).expect("refused");
+        assert_eq!(large.status(), http::StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(large.headers()[http::header::CONNECTION], "close");
+        // A chunked body has no known length: it could go on forever.
+        let chunks = futures_util::stream::iter(vec![Ok::<_, Infallible>(
+            hyper::body::Frame::data(Bytes::new()),
+        )]);
+        assert!(refuse_body(&request(StreamBody::new(chunks)), 4096).is_some());
     }
 }

@@ -107,6 +107,16 @@ impl Agent {
         // Readiness must come from *this* start, not from an earlier one in the same (appended) log.
         let from = log.metadata().expect("stat log").len() as usize;
         let mut cmd = self.home.command(&self.bin);
+        // The tests read the agent's info-level log (serving, audit): the caller's RUST_LOG must not hide it, and
+        // the caller's proxy or Azure settings must not change what the agent does.
+        for (key, _) in std::env::vars_os() {
+            let key = key.to_string_lossy().to_ascii_uppercase();
+            if key.ends_with("_PROXY") || key.starts_with("AZURE_") || key == "KUBECONFIG" {
+                cmd.env_remove(&key);
+                cmd.env_remove(key.to_ascii_lowercase());
+            }
+        }
+        cmd.env("RUST_LOG", "info");
         cmd.args(&self.args)
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
@@ -202,6 +212,22 @@ impl Agent {
     /// contract's top-level fields are found whether or not the subscriber flattens events).
     /// `GET /readyz` on the health port, from inside the node namespace: (status code, body).
     pub fn readyz(&self) -> (u16, String) {
+        self.health_get("/readyz")
+    }
+
+    /// The value of the first `/metrics` sample whose line starts with `series` (name plus labels as rendered, e.g.
+    /// `nmi_token_requests_total{outcome="granted",cache="miss"}`), or None if there is none.
+    pub fn metric(&self, series: &str) -> Option<f64> {
+        let (status, body) = self.health_get("/metrics");
+        assert_eq!(status, 200, "/metrics: {body}");
+        body.lines()
+            .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+    }
+
+    /// `GET path` on the health port, from inside the node namespace: (status code, body).
+    pub fn health_get(&self, path: &str) -> (u16, String) {
         self.home.netns.run_in(|| {
             use std::io::{Read, Write};
             let addr = std::net::SocketAddr::from(([127, 0, 0, 1], HEALTH_PORT));
@@ -211,8 +237,11 @@ impl Agent {
                 .set_read_timeout(Some(Duration::from_secs(2)))
                 .expect("read timeout");
             stream
-                .write_all(b"GET /readyz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-                .expect("send /readyz");
+                .write_all(
+                    format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+                        .as_bytes(),
+                )
+                .unwrap_or_else(|e| panic!("send {path}: {e}"));
             let mut reply = String::new();
             let _ = stream.read_to_string(&mut reply);
             let status = reply

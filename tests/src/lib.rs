@@ -30,6 +30,11 @@ pub use agent::{Agent, Audit};
 pub use probe::Attempt;
 pub use topology::{Pod, Topology};
 
+/// Whether this is a CI run, by the same rule as `cargo xtask test`: `CI` is `true` (any case) or `1`.
+pub fn is_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v.eq_ignore_ascii_case("true") || v == "1")
+}
+
 /// True when the tests may run. They need root (cgroups, network namespaces, BPF); a developer without root gets a
 /// loud skip, but CI must never report a green run that tested nothing, so there the same condition panics.
 pub fn require_root(test: &str) -> bool {
@@ -37,7 +42,7 @@ pub fn require_root(test: &str) -> bool {
     if unsafe { libc::geteuid() } == 0 {
         return true;
     }
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
+    if is_ci() {
         panic!("{test}: end-to-end tests need root, and CI=true forbids skipping them");
     }
     // Straight to stderr, not eprintln!: libtest swallows a passing test's eprintln! output, and a skip nobody

@@ -131,6 +131,8 @@ impl Topology {
         let trap = Trap::install(&node);
 
         let log_dir = std::env::temp_dir().join("nmi-e2e").join(&name);
+        // A kept log of an earlier run with the same pid must not be read as this run's (logs are appended).
+        let _ = std::fs::remove_dir_all(&log_dir);
         std::fs::create_dir_all(&log_dir)
             .unwrap_or_else(|e| panic!("mkdir {}: {e}", log_dir.display()));
 

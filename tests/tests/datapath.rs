@@ -73,6 +73,18 @@ fn assert_attested(agent: &Agent, pod: &Pod, a: &Attempt) -> Audit {
     audit
 }
 
+/// Polls `cond` for up to 10 s; panics naming `what` if it never holds.
+fn wait_for(mut cond: impl FnMut() -> bool, what: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !cond() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting until {what}"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
 #[test]
 fn pod_and_host_network_pod_reach_the_agent_attested_as_their_own_cgroup() {
     let Some(w) = world("datapath::attested") else {
@@ -201,6 +213,18 @@ fn a_thousand_concurrent_connections_from_two_pods_are_all_attributed_correctly(
         0,
         "a redirected connection leaked to 169.254.169.254"
     );
+
+    // The kernel counted every redirect, and once the connections are closed their map entries are gone again: the
+    // 4-tuple map does not fill up with dead connections.
+    let redirected = w.agent.metric("nmi_kernel_redirected_total").unwrap_or(0.0);
+    assert!(
+        redirected >= 1000.0,
+        "nmi_kernel_redirected_total = {redirected}"
+    );
+    wait_for(
+        || w.agent.metric("nmi_tracked_connections") == Some(0.0),
+        "no redirect records are left after every connection closed",
+    );
 }
 
 #[test]
@@ -243,21 +267,15 @@ fn bypass_attempts_from_a_pod_fail_and_never_reach_imds() {
         );
     }
     // The kernel program's own log record about the refusal reaches the agent's log (aya-log -> log -> tracing).
-    let deadline = std::time::Instant::now() + Duration::from_secs(3);
-    let kernel_said = |agent: &Agent| {
-        agent.logs().iter().any(|line| {
-            line.get("message")
-                .and_then(|m| m.as_str())
-                .is_some_and(|m| m.contains("refused connect to 169.254.169.254:443"))
-        })
-    };
-    while !kernel_said(&w.agent) && std::time::Instant::now() < deadline {
-        thread::sleep(Duration::from_millis(50));
-    }
-    assert!(
-        kernel_said(&w.agent),
-        "the connect4 program's log record about the refused :443 connect is not in the agent's log:\n{}",
-        w.agent.log_tail(20)
+    wait_for(
+        || {
+            w.agent.logs().iter().any(|line| {
+                line.get("message")
+                    .and_then(|m| m.as_str())
+                    .is_some_and(|m| m.contains("refused connect to 169.254.169.254:443"))
+            })
+        },
+        "the connect4 program's log record about the refused :443 connect is in the agent's log",
     );
 
     // These skip connect; the egress guard must drop the packets. Whether the send call reports it is not the
@@ -315,7 +333,18 @@ fn agent_crash_fails_closed_restart_resumes_and_uninstall_restores_direct_access
         "--timeout-ms",
         "3000",
     ]));
-    thread::sleep(SETTLE);
+    // Served by the agent at least once before the crash: polled, not slept, so a slow machine cannot fool it.
+    let served_b = |agent: &Agent| {
+        agent
+            .audits()
+            .iter()
+            .filter(|a| a.verdict == "attested" && a.peer.ip() == std::net::IpAddr::V4(pod_b.ip))
+            .count()
+    };
+    wait_for(
+        || served_b(&w.agent) > 0,
+        "the loop in pod-b served before the crash",
+    );
 
     w.agent.kill9();
     let a = pod_a.probe_one(&["connect"]);
@@ -336,9 +365,13 @@ fn agent_crash_fails_closed_restart_resumes_and_uninstall_restores_direct_access
         "with the agent dead, a pod reached 169.254.169.254"
     );
 
+    let before_restart = served_b(&w.agent);
     w.agent.restart();
     assert_attested(&w.agent, pod_a, &pod_a.probe_one(&["http"]));
-    thread::sleep(SETTLE);
+    wait_for(
+        || served_b(&w.agent) > before_restart,
+        "the loop in pod-b served again after the restart",
+    );
     let looped = looping.finish();
     let failures: Vec<&Attempt> = looped.iter().filter(|a| !a.answered()).collect();
     let last_failure = looped.iter().rposition(|a| !a.answered());

@@ -114,8 +114,9 @@ fn leftovers_of_a_dead_run_are_removed_and_live_runs_kept() {
     let mut gone = Command::new("true").spawn().expect("spawn true");
     gone.wait().expect("wait true");
     let stale = format!("nmie2e-{}-0", gone.id());
-    // Stands for a concurrent run; pid 1 is always alive.
-    let live = "nmie2e-1-0".to_string();
+    // Stands for a concurrent run: named after this (live) process, so a crash here leaves nothing that a later
+    // run would mistake for someone else's live resources.
+    let live = format!("nmie2e-{}-live", std::process::id());
 
     for name in [&stale, &live] {
         Netns::create(&format!("{name}-node"));

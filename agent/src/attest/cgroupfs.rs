@@ -19,7 +19,7 @@ pub enum CgroupError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("{0} is not inside the cgroup v2 mount {1}; pass a directory under it")]
+    #[error("--cgroup {0} is not inside the cgroup v2 mount {1}; pass a directory under it")]
     OutsideMount(PathBuf, PathBuf),
     #[error(
         "could not find this process's own cgroup (cgroup namespace hides it and no cgroup.procs lists our pid)"
@@ -99,14 +99,17 @@ pub fn own_cgroup(mount: &Path, search_root: &Path) -> Result<PathBuf, CgroupErr
         .find_map(|l| l.strip_prefix("0::"))
         .ok_or(CgroupError::NoCgroup2)?
         .trim_start_matches('/');
-    if !rel.is_empty() {
-        return Ok(mount.join(rel));
-    }
     let pid = std::process::id().to_string();
     let lists_us = |dir: &Path| {
         fs::read_to_string(dir.join("cgroup.procs"))
             .is_ok_and(|procs| procs.lines().any(|p| p.trim() == pid))
     };
+    // Taken as it stands only if that cgroup really lists us: inside a cgroup namespace a non-root path is relative
+    // to the namespace, and joined onto the host's mount it could name some other cgroup, which we would exempt.
+    let named = mount.join(rel);
+    if !rel.is_empty() && lists_us(&named) {
+        return Ok(named);
+    }
     [search_root, mount]
         .into_iter()
         .find_map(|root| find_dir(root, 0, &lists_us))

@@ -14,6 +14,11 @@ fn is_bpffs(path: &Path) -> bool {
     (unsafe { libc::statfs(c.as_ptr(), &mut st) } == 0) && st.f_type as i64 == BPF_FS_MAGIC
 }
 
+/// Whether `path` is the mount point of a bpf filesystem itself (its parent is on another filesystem).
+pub fn is_bpffs_root(path: &Path) -> bool {
+    is_bpffs(path) && path.parent().is_none_or(|parent| !is_bpffs(parent))
+}
+
 /// Makes sure `pin_dir` lies on a bpf filesystem, mounting one at /sys/fs/bpf when the pin dir is under it and nothing
 /// is mounted there yet.
 pub fn ensure_bpffs(pin_dir: &Path) -> Result<(), String> {

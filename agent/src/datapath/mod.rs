@@ -127,6 +127,12 @@ impl Datapath {
         }
         raise_memlock_limit();
         ensure_bpffs(&opts.pin_dir).map_err(DatapathError::Bpffs)?;
+        if bpffs::is_bpffs_root(&opts.pin_dir) {
+            return Err(DatapathError::Bpffs(format!(
+                "--pin-dir {} is the root of a bpf filesystem; give nmi-agent a directory of its own under it",
+                opts.pin_dir.display()
+            )));
+        }
         let state = state_dir(&opts.pin_dir);
         let (maps_dir, links_dir) = (state.join("maps"), state.join("links"));
         for dir in [&maps_dir, &links_dir] {
@@ -255,13 +261,31 @@ pub async fn forward_kernel_log(log: KernelLog) {
     }
 }
 
-/// Removes every pin under `pin_dir`; the kernel detaches each program once its last link reference is gone.
+/// Removes every layout directory (`v<N>`) nmi-agent pinned under `pin_dir`, then `pin_dir` itself if that left it
+/// empty; the kernel detaches each program once its last link reference is gone. Nothing else under `pin_dir` is
+/// touched, so a mistaken `--pin-dir /sys/fs/bpf` cannot wipe other software's pins.
 pub fn uninstall(pin_dir: &Path) -> Result<bool, DatapathError> {
     if !pin_dir.exists() {
         return Ok(false);
     }
-    fs::remove_dir_all(pin_dir).map_err(io("removing", pin_dir))?;
-    Ok(true)
+    let layouts: Vec<PathBuf> = list_dir(pin_dir)?
+        .into_iter()
+        .filter(|p| is_layout_dir(p))
+        .collect();
+    for layout in &layouts {
+        fs::remove_dir_all(layout).map_err(io("removing", layout))?;
+    }
+    // Only if nothing else lives there; an error (not empty) is the answer, not a failure.
+    let _ = fs::remove_dir(pin_dir);
+    Ok(!layouts.is_empty())
+}
+
+/// `v` followed by digits: the directories [`state_dir`] makes.
+fn is_layout_dir(path: &Path) -> bool {
+    path.file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_prefix('v'))
+        .is_some_and(|digits| !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()))
 }
 
 fn configure(ebpf: &mut Ebpf, opts: &Options) -> Result<(), DatapathError> {
@@ -386,11 +410,7 @@ fn retire_other_layouts(pin_dir: &Path, current: &Path) {
     };
     for entry in entries.flatten() {
         let path = entry.path();
-        let is_layout = entry
-            .file_name()
-            .to_str()
-            .is_some_and(|n| n.starts_with('v'));
-        if is_layout && path != current {
+        if is_layout_dir(&path) && path != current {
             tracing::info!(path = %path.display(), "retiring pins of another layout version");
             if let Err(e) = fs::remove_dir_all(&path) {
                 tracing::warn!(path = %path.display(), error = %e, "could not remove pins of another layout version");

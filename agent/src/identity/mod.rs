@@ -55,6 +55,10 @@ pub enum Binding {
     },
     /// An AzurePodIdentityException pod: forwarded to IMDS as the node itself.
     NodeException { workload: Workload },
+    /// The source has not loaded its bindings yet (Kubernetes: a reflector has not listed once), so it cannot tell
+    /// "unbound" from "not known yet". Answered with a retryable error, never with "Identity not found", which SDKs
+    /// treat as final.
+    NotReady { reason: String },
     /// Nothing bound; `reason` says why, for the audit log.
     Unbound {
         workload: Option<Workload>,
@@ -117,9 +121,9 @@ pub fn select(bound: &[Arc<Identity>], selector: &Selector) -> Result<Arc<Identi
         [] => Err(Denial::NotBound),
         // The same identity bound twice (two bindings, one identity) is not ambiguous.
         [first, rest @ ..]
-            if rest
-                .iter()
-                .all(|id| id.client_id.eq_ignore_ascii_case(&first.client_id)) =>
+            if rest.iter().all(|id| {
+                id.client_id.eq_ignore_ascii_case(&first.client_id) && id.kind == first.kind
+            }) =>
         {
             Ok(Arc::clone(first))
         }

@@ -27,7 +27,7 @@ use super::{
     response::Token,
     source::{FetchError, TokenSource},
 };
-use crate::identity::Identity;
+use crate::identity::{Identity, IdentityKind};
 
 /// Milliseconds since the Unix epoch; a trait so tests can move time.
 pub trait Clock: Send + Sync + 'static {
@@ -152,8 +152,30 @@ pub struct TokenCache {
 }
 
 fn key(identity: &Identity, resource: &str) -> Key {
-    // Client ids are GUIDs and compare case-insensitively; resources are kept exactly, since `aud` is what was asked.
-    (identity.client_id.to_ascii_lowercase(), resource.to_owned())
+    // Resources are kept exactly, since `aud` is what was asked.
+    (credential(identity), resource.to_owned())
+}
+
+/// Everything a fetched token depends on: the client id (a GUID, compared case-insensitively) and, for a service
+/// principal, its tenant and the Secret it is fetched with. Two AzureIdentities that share a client id but not a
+/// secret (say, in two namespaces) must never share a token: the secret is what proves the right to it.
+fn credential(identity: &Identity) -> String {
+    let client = identity.client_id.to_ascii_lowercase();
+    match &identity.kind {
+        IdentityKind::UserAssigned => client,
+        IdentityKind::ServicePrincipal { tenant_id, secret } => format!(
+            "{client}|sp|{}|{}/{}/{}",
+            tenant_id.to_ascii_lowercase(),
+            secret.namespace,
+            secret.name,
+            secret.key
+        ),
+    }
+}
+
+/// The client id part of a [`credential`].
+fn client_of(credential: &str) -> &str {
+    credential.split('|').next().unwrap_or(credential)
 }
 
 fn ms(d: Duration) -> u64 {
@@ -272,10 +294,10 @@ impl TokenCache {
         let before = state.entries.len();
         state
             .entries
-            .retain(|(id, _), _| !id.eq_ignore_ascii_case(client_id));
+            .retain(|(id, _), _| !client_of(id).eq_ignore_ascii_case(client_id));
         state
             .flights
-            .retain(|(id, _), _| !id.eq_ignore_ascii_case(client_id));
+            .retain(|(id, _), _| !client_of(id).eq_ignore_ascii_case(client_id));
         before - state.entries.len()
     }
 
@@ -286,8 +308,8 @@ impl TokenCache {
         let bound = |id: &str| keep.contains(id) || keep.iter().any(|k| k.eq_ignore_ascii_case(id));
         let mut state = self.shared.lock();
         let before = state.entries.len();
-        state.entries.retain(|(id, _), _| bound(id));
-        state.flights.retain(|(id, _), _| bound(id));
+        state.entries.retain(|(id, _), _| bound(client_of(id)));
+        state.flights.retain(|(id, _), _| bound(client_of(id)));
         before - state.entries.len()
     }
 
@@ -440,7 +462,7 @@ impl Drop for FlightGuard {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::identity::IdentityKind;
+    use crate::identity::SecretRef;
     use crate::imds::upstream::BoxFuture;
     use std::sync::atomic::{AtomicBool, AtomicUsize};
 
@@ -608,6 +630,31 @@ mod tests {
             cache.get(&a, "r1/").await.expect("token").1,
             CacheOutcome::Miss
         );
+    }
+
+    #[tokio::test]
+    async fn service_principals_sharing_a_client_id_but_not_a_secret_never_share_a_token() {
+        let (cache, source, _) = setup(3600, Duration::ZERO, CacheConfig::default());
+        let sp = |namespace: &str| {
+            Arc::new(Identity {
+                kind: IdentityKind::ServicePrincipal {
+                    tenant_id: "tenant".into(),
+                    secret: SecretRef {
+                        namespace: namespace.into(),
+                        name: "sp-secret".into(),
+                        key: "clientSecret".into(),
+                    },
+                },
+                ..(*id("aaaa")).clone()
+            })
+        };
+        cache.get(&sp("team-a"), "r").await.expect("token");
+        // Namespace b names the same client id with its own (say, junk) secret: it must fetch, not reuse a's token.
+        let (_, outcome) = cache.get(&sp("team-b"), "r").await.expect("token");
+        assert_eq!(outcome, CacheOutcome::Miss);
+        assert_eq!(source.calls.load(Ordering::SeqCst), 2);
+        // Purging by client id still reaches both.
+        assert_eq!(cache.purge_identity("AAAA"), 2);
     }
 
     #[tokio::test]

@@ -298,6 +298,10 @@ impl<R: Resolve + Send + Sync + 'static> Service<R> {
                 audit.emit("forwarded", "node_exception");
                 response
             }
+            Binding::NotReady { reason } => {
+                audit.emit("error", &format!("not_ready: {reason}"));
+                response::unavailable("the identity bindings are still loading; retry")
+            }
             Binding::Unbound { workload, reason } => {
                 audit.workload = workload.unwrap_or_default();
                 audit.emit("denied", &format!("unbound: {reason}"));

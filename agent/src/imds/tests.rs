@@ -45,6 +45,7 @@ const BOUND_ONE: u32 = 1;
 const BOUND_TWO: u32 = 2;
 const EXCEPTION: u32 = 3;
 const UNBOUND: u32 = 4;
+const NOT_READY: u32 = 5;
 
 fn identity(name: &str, client_id: &str) -> Arc<Identity> {
     Arc::new(Identity {
@@ -117,6 +118,12 @@ fn harness(script: Vec<Scripted>, config: Config) -> Harness {
             Binding::Unbound {
                 workload: Some(workload("lonely")),
                 reason: "no binding selects this pod".into(),
+            },
+        ),
+        (
+            NOT_READY,
+            Binding::NotReady {
+                reason: "caches not synced".into(),
             },
         ),
     ]);
@@ -348,6 +355,18 @@ async fn unbound_unassigned_and_ambiguous_callers_get_identity_not_found() {
         .call(BOUND_TWO, get(&format!("{TOKEN_URI}&client_id=client-a")))
         .await;
     assert_eq!(status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn a_source_still_loading_answers_a_retryable_503_not_identity_not_found() {
+    let h = harness(
+        vec![Scripted::Status(200, TOKEN_A, None)],
+        Config::default(),
+    );
+    let (status, _, body) = h.call(NOT_READY, get(TOKEN_URI)).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(body.contains("temporarily_unavailable"), "{body}");
+    assert_eq!(h.upstream.calls(), 0, "never forwarded upstream");
 }
 
 #[tokio::test]

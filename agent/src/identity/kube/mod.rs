@@ -257,6 +257,18 @@ impl KubeSource {
 
     /// Resolves a caller's cgroup (relative to `--cgroup`) to its binding.
     pub async fn resolve_cgroup(&self, cgroup: Option<&Path>) -> Binding {
+        // Right after a start the stores are still filling: "no binding" could be "not listed yet". Wait as long as
+        // for a pod, then say "retry" rather than a final "Identity not found".
+        if !self.ready() {
+            let _ = tokio::time::timeout(self.inner.config.pod_wait, self.wait_ready()).await;
+            if !self.ready() {
+                return Binding::NotReady {
+                    reason: "the Kubernetes caches (pods, AzureIdentity, AzureIdentityBinding, \
+                             AzurePodIdentityException) have not synced yet"
+                        .to_owned(),
+                };
+            }
+        }
         let Some(cgroup) = cgroup else {
             return Binding::Unbound {
                 workload: None,
@@ -788,6 +800,7 @@ mod tests {
                 .collect::<Vec<_>>(),
             Binding::Unbound { reason, .. } => vec![format!("unbound: {reason}")],
             Binding::NodeException { .. } => vec!["exception".into()],
+            Binding::NotReady { reason } => vec![format!("not ready: {reason}")],
         };
         let ns = inner(false, Vec::new());
         assert_eq!(

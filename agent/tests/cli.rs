@@ -1,0 +1,141 @@
+//! The command line as an operator meets it: bad input exits non-zero, before anything touches the kernel, with a
+//! message that names the problem (and, for the bindings file, the line). Needs no root.
+
+use std::process::{Command, Output};
+
+fn nmi_agent(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_nmi-agent"))
+        .args(args)
+        // Keep the caller's environment from filling in flags (NODE_IP, NMI_AGENT_*).
+        .env_clear()
+        .output()
+        .expect("run nmi-agent")
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn a_bad_bindings_file_is_refused_with_its_line() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("bindings.yaml");
+    std::fs::write(
+        &path,
+        "identities:\n  - name: orders\n    clientID: \"11111111-1111-1111-1111-111111111111\"\nbindings:\n  - cgroup: orders\n    identity: billing\n",
+    )
+    .expect("write");
+    let out = nmi_agent(&[
+        "run",
+        "--bindings",
+        &path.display().to_string(),
+        "--cgroup",
+        "/nonexistent",
+    ]);
+    assert!(!out.status.success(), "a bad bindings file was accepted");
+    let err = stderr(&out);
+    assert!(
+        err.contains("bindings.yaml"),
+        "the message does not name the file: {err}"
+    );
+    // Line 5 is where the offending binding starts.
+    assert!(
+        err.contains("line 5"),
+        "the message does not name the line: {err}"
+    );
+    assert!(
+        err.contains("billing"),
+        "the message does not name the unknown identity: {err}"
+    );
+}
+
+#[test]
+fn standalone_mode_needs_a_cgroup() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("bindings.yaml");
+    std::fs::write(&path, "identities:\nbindings:\n").expect("write");
+    let out = nmi_agent(&["run", "--bindings", &path.display().to_string()]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("--cgroup is required"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn a_loopback_listen_address_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("bindings.yaml");
+    std::fs::write(&path, "identities:\nbindings:\n").expect("write");
+    let mount = std::fs::read_to_string("/proc/self/mountinfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.contains(" - cgroup2 "))
+                .and_then(|l| l.split_whitespace().nth(4).map(str::to_owned))
+        });
+    let Some(mount) = mount else {
+        eprintln!("SKIP a_loopback_listen_address_is_refused: no cgroup v2 mount on this machine");
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI machines must have cgroup v2"
+        );
+        return;
+    };
+    let out = nmi_agent(&[
+        "run",
+        "--bindings",
+        &path.display().to_string(),
+        "--cgroup",
+        &mount,
+        "--listen",
+        "127.0.0.1:2579",
+    ]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("loopback"),
+        "the message does not say why: {err}"
+    );
+}
+
+#[test]
+fn kubernetes_mode_needs_a_node_name() {
+    let out = nmi_agent(&["run", "--cgroup", "/", "--listen", "10.0.0.1:2579"]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("--node-name"),
+        "the message does not say what to pass: {err}"
+    );
+}
+
+#[test]
+fn a_cgroup_outside_the_cgroup_v2_mount_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("bindings.yaml");
+    std::fs::write(&path, "identities:\nbindings:\n").expect("write");
+    let out = nmi_agent(&[
+        "run",
+        "--bindings",
+        &path.display().to_string(),
+        "--cgroup",
+        "/",
+    ]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("--cgroup /"),
+        "the message does not name the flag and value: {err}"
+    );
+}
+
+#[test]
+fn uninstall_of_nothing_says_so_and_succeeds() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pins = dir.path().join("none-here");
+    let out = nmi_agent(&["uninstall", "--pin-dir", &pins.display().to_string()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("nothing pinned"));
+}
