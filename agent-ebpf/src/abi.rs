@@ -9,7 +9,7 @@
 //! after it, so a pinned map of an older layout is never reused.
 
 /// Bumped on any change to a map's key, value, type or size.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// The Instance Metadata Service address every Azure SDK calls.
 pub const IMDS_ADDR: [u8; 4] = [169, 254, 169, 254];
@@ -36,6 +36,8 @@ pub const PROG_CONNECT6: &str = "nmi_connect6";
 pub const PROG_GETPEERNAME4: &str = "nmi_getpeername4";
 pub const PROG_SOCKOPS: &str = "nmi_sock_ops";
 pub const PROG_EGRESS: &str = "nmi_egress";
+pub const PROG_BIND4: &str = "nmi_bind4";
+pub const PROG_BIND6: &str = "nmi_bind6";
 
 /// Indexes into the per-CPU counter array.
 #[repr(u32)]
@@ -51,15 +53,19 @@ pub enum Counter {
     RecordFailed = 3,
     /// A redirected connection's 4-tuple recorded for the agent to look up.
     Linked = 4,
+    /// A bind to the agent's own address and port, from an intercepted cgroup in the agent's network namespace
+    /// (a hostNetwork pod trying to stand in for the agent while it restarts), refused.
+    BindRefused = 5,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 5] = [
+    pub const ALL: [Counter; 6] = [
         Counter::Redirected,
         Counter::Refused,
         Counter::EgressDropped,
         Counter::RecordFailed,
         Counter::Linked,
+        Counter::BindRefused,
     ];
     pub const COUNT: u32 = Self::ALL.len() as u32;
 
@@ -70,6 +76,7 @@ impl Counter {
             Counter::EgressDropped => "egress_dropped",
             Counter::RecordFailed => "record_failed",
             Counter::Linked => "linked",
+            Counter::BindRefused => "bind_refused",
         }
     }
 
@@ -84,6 +91,9 @@ impl Counter {
                 "connects refused because their redirect record could not be stored"
             }
             Counter::Linked => "redirected connections recorded under their 4-tuple",
+            Counter::BindRefused => {
+                "binds to the agent's address by intercepted processes in its network namespace refused"
+            }
         }
     }
 }
@@ -152,11 +162,14 @@ impl Endpoint4 {
     }
 }
 
-/// Where redirected connects go: the agent's token service.
+/// Where redirected connects go: the agent's token service, and the network namespace it listens in.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RedirectConfig {
     pub target: Endpoint4,
+    /// The agent's network namespace cookie: binds to `target` from intercepted processes in that namespace are
+    /// refused, so nobody else can take the port while the agent is down.
+    pub netns_cookie: u64,
 }
 
 /// What connect4 learned about a redirected socket, and what the agent needs to attest its caller.
@@ -277,6 +290,6 @@ mod tests {
         assert_eq!(core::mem::size_of::<Endpoint4>(), 8);
         assert_eq!(core::mem::size_of::<ConnKey>(), 16);
         assert_eq!(core::mem::size_of::<ConnRecord>(), 24);
-        assert_eq!(core::mem::size_of::<RedirectConfig>(), 8);
+        assert_eq!(core::mem::size_of::<RedirectConfig>(), 16);
     }
 }

@@ -24,6 +24,16 @@ mod entry {
         programs::getpeername::getpeername4(&ctx)
     }
 
+    #[cgroup_sock_addr(bind4)]
+    pub fn nmi_bind4(ctx: SockAddrContext) -> i32 {
+        programs::bind::bind4(&ctx)
+    }
+
+    #[cgroup_sock_addr(bind6)]
+    pub fn nmi_bind6(ctx: SockAddrContext) -> i32 {
+        programs::bind::bind6(&ctx)
+    }
+
     #[sock_ops]
     pub fn nmi_sock_ops(ctx: SockOpsContext) -> u32 {
         programs::sock_ops::sock_ops(&ctx)

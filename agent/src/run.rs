@@ -148,6 +148,11 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
         pin_dir: args.pin_dir.clone(),
         redirect: listen,
         exempt: vec![own_id],
+        // Without it (Linux < 5.14) the bind guard stays off; everything else works.
+        netns_cookie: datapath::netns_cookie(&listener).unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "no network namespace cookie (needs Linux >= 5.14): binds to the agent's port are not guarded");
+            0
+        }),
     };
     let datapath = tokio::task::spawn_blocking(move || Datapath::start(&opts))
         .await

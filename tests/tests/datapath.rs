@@ -365,6 +365,27 @@ fn agent_crash_fails_closed_restart_resumes_and_uninstall_restores_direct_access
         "with the agent dead, a pod reached 169.254.169.254"
     );
 
+    // Nobody may stand in for the dead agent: a hostNetwork pod shares its network namespace, so binding its address
+    // (or the wildcard) and port would receive every pod's token requests. A pod in its own namespace may use the port.
+    let agent_addr = w.agent.listen.to_string();
+    let agent_port = w.agent.listen.port();
+    for addr in [
+        agent_addr.clone(),
+        format!("0.0.0.0:{agent_port}"),
+        format!("[::]:{agent_port}"),
+    ] {
+        let a = w.topo.hostnet.probe_one(&["bind", "--addr", &addr]);
+        assert!(
+            !a.ok && a.errno == Some(libc::EPERM),
+            "a hostNetwork pod bound {addr} while the agent was down: {a:?}"
+        );
+    }
+    let own_netns = pod_a.probe_one(&["bind", "--addr", &format!("0.0.0.0:{agent_port}")]);
+    assert!(
+        own_netns.ok,
+        "a pod in its own namespace could not use the port: {own_netns:?}"
+    );
+
     let before_restart = served_b(&w.agent);
     w.agent.restart();
     assert_attested(&w.agent, pod_a, &pod_a.probe_one(&["http"]));

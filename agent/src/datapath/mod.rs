@@ -89,6 +89,8 @@ pub struct Options {
     pub redirect: SocketAddrV4,
     /// cgroup ids that are never intercepted (the agent's own).
     pub exempt: Vec<u64>,
+    /// The network namespace the agent listens in (its cookie): intercepted processes there may not bind `redirect`.
+    pub netns_cookie: u64,
 }
 
 /// Looks a redirected connection up by its 4-tuple.
@@ -157,6 +159,8 @@ impl Datapath {
         // the sockops program that makes it attestable.
         for name in [
             abi::PROG_EGRESS,
+            abi::PROG_BIND4,
+            abi::PROG_BIND6,
             abi::PROG_SOCKOPS,
             abi::PROG_GETPEERNAME4,
             abi::PROG_CONNECT6,
@@ -305,6 +309,7 @@ fn configure(ebpf: &mut Ebpf, opts: &Options) -> Result<(), DatapathError> {
             0,
             RedirectConfig {
                 target: opts.redirect.into(),
+                netns_cookie: opts.netns_cookie,
             },
             0,
         )
@@ -417,6 +422,27 @@ fn retire_other_layouts(pin_dir: &Path, current: &Path) {
             }
         }
     }
+}
+
+/// The cookie of the network namespace `socket` lives in (`SO_NETNS_COOKIE`, Linux >= 5.14), as
+/// `bpf_get_netns_cookie` reports it in the kernel programs.
+pub fn netns_cookie(socket: &impl std::os::fd::AsRawFd) -> std::io::Result<u64> {
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: a valid socket fd and an out-buffer of the size we pass.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(cookie)
 }
 
 /// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK; later ones use memcg and ignore it.

@@ -5,6 +5,7 @@
 //! nmi-probe http [--count N] [--concurrency C] [--addr A] [--duration-ms D] [--interval-ms I] [--timeout-ms T]
 //!                [--until-stdin-eof]
 //! nmi-probe connect [--addr A] [--timeout-ms T]
+//! nmi-probe bind --addr A                            a TCP listener bound to A
 //! nmi-probe udp [--addr A] [--connect]
 //! nmi-probe v6mapped [--port P] [--timeout-ms T]     TCP over an IPv6 socket to [::ffff:169.254.169.254]:P
 //! nmi-probe raw [--addr IP:PORT] [--hdrincl]          one UDP datagram through a SOCK_RAW socket
@@ -93,6 +94,7 @@ fn main() -> ExitCode {
     match mode.as_str() {
         "http" => http(&o),
         "connect" => emit(&connect("connect", o.addr, o.timeout)),
+        "bind" => emit(&bind(o.addr)),
         "v6mapped" => {
             let addr = SocketAddr::new(
                 Ipv4Addr::new(169, 254, 169, 254).to_ipv6_mapped().into(),
@@ -222,6 +224,21 @@ fn connect(mode: &str, addr: SocketAddr, timeout: Duration) -> Attempt {
             a.peer = s.peer_addr().ok();
         }
         Err(e) => fail(&mut a, "connect", &e),
+    }
+    a.elapsed_us = start.elapsed().as_micros() as u64;
+    a
+}
+
+/// Binds a TCP listener to `addr` (as something standing in for the agent would).
+fn bind(addr: SocketAddr) -> Attempt {
+    let mut a = attempt("bind", addr);
+    let start = Instant::now();
+    match std::net::TcpListener::bind(addr) {
+        Ok(l) => {
+            a.ok = true;
+            a.local = l.local_addr().ok();
+        }
+        Err(e) => fail(&mut a, "bind", &e),
     }
     a.elapsed_us = start.elapsed().as_micros() as u64;
     a
