@@ -14,14 +14,15 @@ use crate::{
     artifacts::{self, Profile},
     cmd::{self, announce},
     host::{self, Apt},
-    image, manifests,
+    image, manifests, toolchain,
 };
 
-const TOTAL_STEPS: usize = 8;
+const TOTAL_STEPS: usize = 9;
 
 pub fn test(root: &Path, quick: bool) -> Result<()> {
     let mut steps = Steps::default();
 
+    steps.run("toolchain components", toolchain::ensure_rustfmt_and_clippy)?;
     steps.run("fmt", || {
         cmd::run(
             cmd::cargo()
@@ -51,6 +52,14 @@ pub fn test(root: &Path, quick: bool) -> Result<()> {
                 .args(["test", "--workspace", "--exclude", "nmi-agent-e2e"])
                 .current_dir(root),
             "a unit test failed; its name and assertion are above",
+        )?;
+        // The harness's own pure tests (emulators, parsers, the fake API server) need no root: run them here too,
+        // so they also run where the end-to-end step is skipped.
+        cmd::run(
+            cmd::cargo()
+                .args(["test", "--package", "nmi-agent-e2e", "--lib", "--bins"])
+                .current_dir(root),
+            "a unit test of the test harness failed; its name and assertion are above",
         )
     })?;
     steps.run("manifests", || manifests::validate_manifests(root))?;

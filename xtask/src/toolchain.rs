@@ -81,6 +81,24 @@ pub fn ensure_rust_src(nightly: &Nightly) -> Result<()> {
     )
 }
 
+/// `cargo xtask test` runs `cargo fmt` and `cargo clippy`; rustup's minimal profile leaves both out.
+pub fn ensure_rustfmt_and_clippy() -> Result<()> {
+    for (subcommand, component) in [("fmt", "rustfmt"), ("clippy", "clippy")] {
+        if cmd::succeeds(cmd::cargo().args([subcommand, "--version"])) {
+            continue;
+        }
+        announce(format!(
+            "installing the {component} component (cargo {subcommand} is missing)"
+        ));
+        cmd::run(
+            Command::new("rustup").args(["component", "add", component]),
+            "component install failed; needs network access to static.rust-lang.org, or run \
+             `rustup component add rustfmt clippy` by hand",
+        )?;
+    }
+    Ok(())
+}
+
 /// Tools live outside the target dir so that `cargo clean` does not cost a bpf-linker rebuild.
 /// `NMI_AGENT_TOOLS_DIR` overrides it, e.g. to rehearse a fresh machine.
 fn tools_dir() -> Result<PathBuf> {

@@ -53,8 +53,14 @@ impl Readiness {
 
 pub async fn serve(listener: TcpListener, readiness: Arc<Readiness>, metrics: Arc<Metrics>) {
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning a worker.
+                tracing::warn!(error = %e, "health listener: accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
         };
         let (readiness, metrics) = (Arc::clone(&readiness), Arc::clone(&metrics));
         tokio::spawn(async move {
@@ -62,7 +68,10 @@ pub async fn serve(listener: TcpListener, readiness: Arc<Readiness>, metrics: Ar
                 let answer = route(req.uri().path(), &readiness, metrics.as_ref());
                 async move { Ok::<_, Infallible>(answer) }
             });
+            // A probe sends its request at once; a client that does not must not hold a connection open.
             let _ = http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(std::time::Duration::from_secs(5))
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
         });

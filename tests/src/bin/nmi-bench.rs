@@ -87,15 +87,23 @@ fn main() -> ExitCode {
     if !require_root("nmi-bench") {
         return ExitCode::FAILURE;
     }
-    bench(&o);
-    ExitCode::SUCCESS
+    match bench(&o) {
+        0 => ExitCode::SUCCESS,
+        errors => {
+            eprintln!(
+                "nmi-bench: INVALID RUN: {errors} request(s) or connect(s) failed; the numbers above are not comparable"
+            );
+            ExitCode::FAILURE
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------------------------
 // Orchestrator
 // ---------------------------------------------------------------------------------------------------------------
 
-fn bench(o: &Opts) {
+/// Runs everything; returns the number of failed connects and requests (a valid run has none).
+fn bench(o: &Opts) -> u64 {
     let started = Instant::now();
     let topo = Topology::new();
     let pod = topo.pod_a.clone();
@@ -347,6 +355,13 @@ fn bench(o: &Opts) {
     )
     .unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
     println!("nmi-bench: wrote {}", path.display());
+    let errors_in = |v: &Value| v["errors"].as_u64().unwrap_or(0);
+    errors_in(&results["connect"])
+        + errors_in(&results["redirect"])
+        + ["hit", "miss", "direct_emulator"]
+            .iter()
+            .map(|k| errors_in(&results["cache"][k]))
+            .sum::<u64>()
 }
 
 fn print_table(r: &Value) {
