@@ -12,26 +12,26 @@ fn nmi_agent(args: &[&str]) -> Output {
         .expect("run nmi-agent")
 }
 
+/// A bindings file with `text` in a fresh temporary directory (kept alive by the returned guard).
+fn bindings_file(text: &str) -> (tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("bindings.yaml");
+    std::fs::write(&path, text).expect("write bindings file");
+    (dir, path.display().to_string())
+}
+
+const NO_BINDINGS: &str = "identities:\nbindings:\n";
+
 fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 #[test]
 fn a_bad_bindings_file_is_refused_with_its_line() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("bindings.yaml");
-    std::fs::write(
-        &path,
+    let (_dir, path) = bindings_file(
         "identities:\n  - name: orders\n    clientID: \"11111111-1111-1111-1111-111111111111\"\nbindings:\n  - cgroup: orders\n    identity: billing\n",
-    )
-    .expect("write");
-    let out = nmi_agent(&[
-        "run",
-        "--bindings",
-        &path.display().to_string(),
-        "--cgroup",
-        "/nonexistent",
-    ]);
+    );
+    let out = nmi_agent(&["run", "--bindings", &path, "--cgroup", "/nonexistent"]);
     assert!(!out.status.success(), "a bad bindings file was accepted");
     let err = stderr(&out);
     assert!(
@@ -51,10 +51,8 @@ fn a_bad_bindings_file_is_refused_with_its_line() {
 
 #[test]
 fn standalone_mode_needs_a_cgroup() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("bindings.yaml");
-    std::fs::write(&path, "identities:\nbindings:\n").expect("write");
-    let out = nmi_agent(&["run", "--bindings", &path.display().to_string()]);
+    let (_dir, path) = bindings_file(NO_BINDINGS);
+    let out = nmi_agent(&["run", "--bindings", &path]);
     assert!(!out.status.success());
     assert!(
         stderr(&out).contains("--cgroup is required"),
@@ -65,9 +63,7 @@ fn standalone_mode_needs_a_cgroup() {
 
 #[test]
 fn a_loopback_listen_address_is_refused() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("bindings.yaml");
-    std::fs::write(&path, "identities:\nbindings:\n").expect("write");
+    let (_dir, path) = bindings_file(NO_BINDINGS);
     let mount = std::fs::read_to_string("/proc/self/mountinfo")
         .ok()
         .and_then(|m| {
@@ -86,7 +82,7 @@ fn a_loopback_listen_address_is_refused() {
     let out = nmi_agent(&[
         "run",
         "--bindings",
-        &path.display().to_string(),
+        &path,
         "--cgroup",
         &mount,
         "--listen",
@@ -113,16 +109,8 @@ fn kubernetes_mode_needs_a_node_name() {
 
 #[test]
 fn a_cgroup_outside_the_cgroup_v2_mount_is_refused() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("bindings.yaml");
-    std::fs::write(&path, "identities:\nbindings:\n").expect("write");
-    let out = nmi_agent(&[
-        "run",
-        "--bindings",
-        &path.display().to_string(),
-        "--cgroup",
-        "/",
-    ]);
+    let (_dir, path) = bindings_file(NO_BINDINGS);
+    let out = nmi_agent(&["run", "--bindings", &path, "--cgroup", "/"]);
     assert!(!out.status.success());
     let err = stderr(&out);
     assert!(
