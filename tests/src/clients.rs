@@ -8,7 +8,6 @@ use std::process::Command;
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::imds_emulator::base64url_decode;
 use crate::topology::Pod;
 
 /// What a client printed.
@@ -41,10 +40,8 @@ pub fn jwt_claims(jwt: &str) -> Value {
         .split('.')
         .nth(1)
         .unwrap_or_else(|| panic!("not a JWT: {jwt:?}"));
-    let bytes = base64url_decode(payload.trim_end_matches('='))
-        .unwrap_or_else(|| panic!("JWT payload is not base64url: {payload:?}"));
-    serde_json::from_slice(&bytes)
-        .unwrap_or_else(|e| panic!("JWT payload is not JSON ({e}): {jwt:?}"))
+    crate::imds_emulator::jwt_claims(jwt)
+        .unwrap_or_else(|| panic!("JWT payload is not base64url JSON: {payload:?}"))
 }
 
 /// The venv's python with the pinned Azure SDK: `$NMI_E2E_PYTHON` (set by `cargo xtask test`), else the venv xtask

@@ -767,45 +767,9 @@ impl Filter {
 }
 
 fn query_pairs(query: &str) -> HashMap<String, String> {
-    query
-        .split('&')
-        .filter(|p| !p.is_empty())
-        .map(|p| {
-            let (k, v) = p.split_once('=').unwrap_or((p, ""));
-            (percent_decode(k), percent_decode(v))
-        })
+    form_urlencoded::parse(query.as_bytes())
+        .into_owned()
         .collect()
-}
-
-fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'+' => {
-                out.push(b' ');
-                i += 1;
-            }
-            b'%' if i + 2 < bytes.len() => {
-                match std::str::from_utf8(&bytes[i + 1..i + 3]).map(|h| u8::from_str_radix(h, 16)) {
-                    Ok(Ok(b)) => {
-                        out.push(b);
-                        i += 3;
-                    }
-                    _ => {
-                        out.push(b'%');
-                        i += 1;
-                    }
-                }
-            }
-            b => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 #[cfg(test)]
@@ -817,9 +781,11 @@ mod tests {
         let q = query_pairs("fieldSelector=spec.nodeName%3Dnode-a&watch=1&labelSelector=a%3Db%2Cc");
         assert_eq!(q["fieldSelector"], "spec.nodeName=node-a");
         assert_eq!(q["labelSelector"], "a=b,c");
-        assert_eq!(percent_decode("50%"), "50%");
-        assert_eq!(percent_decode("%4"), "%4");
-        assert_eq!(percent_decode("%41"), "A");
+        let lenient = query_pairs("a=50%&b=%4&c=%41&d=x+y");
+        assert_eq!(lenient["a"], "50%");
+        assert_eq!(lenient["b"], "%4");
+        assert_eq!(lenient["c"], "A");
+        assert_eq!(lenient["d"], "x y");
     }
 
     /// One HTTP/1.1 GET with `Connection: close`; returns status line + headers + (chunked) body as text.

@@ -26,6 +26,7 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
+use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::{Method, Request, Response, StatusCode, body::Incoming, header, service::service_fn};
@@ -351,7 +352,7 @@ async fn handle(state: &State, req: Request<Incoming>) -> Result<Answer, Dropped
 
 /// Path segments as a lenient server reads them: percent-decoded once, `\` as `/`, empty segments dropped, lower case.
 fn lenient_segments(raw: &str) -> Vec<String> {
-    let decoded = percent_decode(raw);
+    let decoded = percent_encoding::percent_decode_str(raw).decode_utf8_lossy();
     decoded
         .split(['/', '\\'])
         .filter(|s| !s.is_empty() && *s != ".")
@@ -366,39 +367,12 @@ fn lenient_segments(raw: &str) -> Vec<String> {
         })
 }
 
-fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = |b: u8| (b as char).to_digit(16);
-        match (
-            bytes[i],
-            bytes.get(i + 1).copied().and_then(hex),
-            bytes.get(i + 2).copied().and_then(hex),
-        ) {
-            (b'%', Some(hi), Some(lo)) => {
-                // Two hex digits are at most 0xff.
-                out.push(u8::try_from(hi * 16 + lo).unwrap_or(b'?'));
-                i += 3;
-            }
-            (b, _, _) => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 /// Query parameters, names lower-cased, `+` as space, percent-decoded; the first of repeated names wins.
 fn parse_query(q: &str) -> BTreeMap<String, String> {
     let mut out = BTreeMap::new();
-    for pair in q.split('&').filter(|p| !p.is_empty()) {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        let k = percent_decode(&k.replace('+', " ")).to_ascii_lowercase();
-        let v = percent_decode(&v.replace('+', " "));
-        out.entry(k).or_insert(v);
+    for (k, v) in form_urlencoded::parse(q.as_bytes()) {
+        out.entry(k.to_ascii_lowercase())
+            .or_insert_with(|| v.into_owned());
     }
     out
 }
@@ -536,44 +510,12 @@ fn issue(identity: &EmulatedIdentity, resource: &str, lifetime: Duration, serial
 
 /// Unpadded base64url (RFC 4648 §5), as JWTs use.
 pub fn base64url(data: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
-    for chunk in data.chunks(3) {
-        let n = chunk
-            .iter()
-            .enumerate()
-            .fold(0u32, |n, (i, b)| n | u32::from(*b) << (16 - 8 * i));
-        for i in 0..=chunk.len() {
-            out.push(char::from(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize]));
-        }
-    }
-    out
+    URL_SAFE_NO_PAD.encode(data)
 }
 
-/// Decodes what [`base64url`] encodes (for tests reading the emulator's JWT claims).
+/// Decodes what [`base64url`] encodes (for tests reading the emulator's JWT claims); `=` padding is tolerated.
 pub fn base64url_decode(s: &str) -> Option<Vec<u8>> {
-    let value = |c: u8| match c {
-        b'A'..=b'Z' => Some(u32::from(c - b'A')),
-        b'a'..=b'z' => Some(u32::from(c - b'a') + 26),
-        b'0'..=b'9' => Some(u32::from(c - b'0') + 52),
-        b'-' => Some(62),
-        b'_' => Some(63),
-        _ => None,
-    };
-    let mut out = Vec::with_capacity(s.len() * 3 / 4);
-    for chunk in s.as_bytes().chunks(4) {
-        if chunk.len() == 1 {
-            return None;
-        }
-        let mut n = 0u32;
-        for (i, c) in chunk.iter().enumerate() {
-            n |= value(*c)? << (18 - 6 * i);
-        }
-        for i in 0..chunk.len() - 1 {
-            out.push(((n >> (16 - 8 * i)) & 0xff) as u8);
-        }
-    }
-    Some(out)
+    URL_SAFE_NO_PAD.decode(s.trim_end_matches('=')).ok()
 }
 
 /// The claims of a JWT (unverified), for tests.
