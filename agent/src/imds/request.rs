@@ -103,19 +103,16 @@ fn form_decode(raw: &str) -> Result<String, ()> {
     percent_decode(&raw.replace('+', " ")).map_err(|_| ())
 }
 
+/// Everything but RFC 3986 unreserved characters (`A-Z a-z 0-9 - . _ ~`).
+const QUERY_COMPONENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
 /// Encodes a query component: everything but RFC 3986 unreserved characters is percent-encoded.
 pub(crate) fn query_encode(value: &str) -> String {
-    let mut out = String::with_capacity(value.len() * 3);
-    for b in value.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
-            out.push(b as char);
-        } else {
-            out.push('%');
-            out.push(char::from(b"0123456789ABCDEF"[usize::from(b >> 4)]));
-            out.push(char::from(b"0123456789ABCDEF"[usize::from(b & 0xf)]));
-        }
-    }
-    out
+    percent_encoding::utf8_percent_encode(value, QUERY_COMPONENT).to_string()
 }
 
 #[cfg(test)]
