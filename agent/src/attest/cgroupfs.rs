@@ -3,6 +3,7 @@
 use std::{
     collections::HashMap,
     fs,
+    ops::ControlFlow,
     os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
     sync::{Mutex, RwLock},
@@ -112,22 +113,45 @@ pub fn own_cgroup(mount: &Path, search_root: &Path) -> Result<PathBuf, CgroupErr
     }
     [search_root, mount]
         .into_iter()
-        .find_map(|root| find_dir(root, 0, &lists_us))
+        .find_map(|root| {
+            let found = walk_dirs(root, Path::new("/"), 0, &mut |dir, _| {
+                if lists_us(dir) {
+                    ControlFlow::Break(dir.to_owned())
+                } else {
+                    ControlFlow::Continue(())
+                }
+            });
+            found.break_value()
+        })
         .ok_or(CgroupError::OwnCgroupNotFound)
 }
 
-fn find_dir(dir: &Path, depth: usize, wanted: &impl Fn(&Path) -> bool) -> Option<PathBuf> {
-    if wanted(dir) {
-        return Some(dir.to_owned());
-    }
+/// Visits `dir` (as `rel` under the walk's root) and the directories below it, depth first and at most
+/// [`WALK_DEPTH_MAX`] levels deep, until `visit` breaks. Unreadable directories are skipped.
+fn walk_dirs<B>(
+    dir: &Path,
+    rel: &Path,
+    depth: usize,
+    visit: &mut impl FnMut(&Path, &Path) -> ControlFlow<B>,
+) -> ControlFlow<B> {
+    visit(dir, rel)?;
     if depth >= WALK_DEPTH_MAX {
-        return None;
+        return ControlFlow::Continue(());
     }
-    fs::read_dir(dir)
-        .ok()?
-        .flatten()
-        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-        .find_map(|e| find_dir(&e.path(), depth + 1, wanted))
+    let Ok(entries) = fs::read_dir(dir) else {
+        return ControlFlow::Continue(());
+    };
+    for entry in entries.flatten() {
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            walk_dirs(
+                &entry.path(),
+                &rel.join(entry.file_name()),
+                depth + 1,
+                visit,
+            )?;
+        }
+    }
+    ControlFlow::Continue(())
 }
 
 /// A cgroup's id: the inode number of its directory, which is what `bpf_get_current_cgroup_id` returns.
@@ -195,7 +219,12 @@ impl CgroupResolver {
             return Some(p);
         }
         let mut found = HashMap::new();
-        walk(&self.root, Path::new("/"), 0, &mut found);
+        let _ = walk_dirs::<()>(&self.root, Path::new("/"), 0, &mut |dir, rel| {
+            if let Ok(meta) = fs::metadata(dir) {
+                found.insert(meta.ino(), rel.to_owned());
+            }
+            ControlFlow::Continue(())
+        });
         let hit = found.get(&id).cloned();
         if let Ok(mut cache) = self.cache.write() {
             if cache.len() + found.len() > CACHE_MAX {
@@ -204,22 +233,6 @@ impl CgroupResolver {
             cache.extend(found);
         }
         hit
-    }
-}
-
-fn walk(dir: &Path, rel: &Path, depth: usize, out: &mut HashMap<u64, PathBuf>) {
-    let Ok(meta) = fs::metadata(dir) else { return };
-    out.insert(meta.ino(), rel.to_owned());
-    if depth >= WALK_DEPTH_MAX {
-        return;
-    }
-    let Ok(entries) = fs::read_dir(dir) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        if entry.file_type().is_ok_and(|t| t.is_dir()) {
-            walk(&entry.path(), &rel.join(entry.file_name()), depth + 1, out);
-        }
     }
 }
 
