@@ -26,6 +26,14 @@ use crate::{
     telemetry::{self, health, metrics::Metrics},
 };
 
+/// Where bindings come from, decided (and its input checked) before anything else.
+enum Mode {
+    /// `--bindings FILE`, loaded.
+    Standalone(Arc<FileSource>),
+    /// The Kubernetes API, watching this node's pods.
+    Kubernetes { node_name: String },
+}
+
 /// Backlog of the token listener: a burst of pods starting at once must not see SYN drops (measured: a small backlog
 /// stalls a connect+accept loop for seconds).
 const LISTEN_BACKLOG: u32 = 4096;
@@ -73,24 +81,24 @@ fn bind(addr: SocketAddrV4) -> anyhow::Result<TcpListener> {
 
 async fn run_async(args: RunArgs) -> anyhow::Result<()> {
     // A bad bindings file is the most likely operator error: report it (with its line) before anything else.
-    let file = match &args.bindings {
-        Some(path) => Some(Arc::new(
+    let mode = match (&args.bindings, &args.node_name) {
+        (Some(path), _) => Mode::Standalone(Arc::new(
             FileSource::load(path.clone()).map_err(|e| anyhow::anyhow!("{e}"))?,
         )),
-        None => None,
-    };
-    if file.is_none() && args.node_name.is_none() {
-        bail!(
+        (None, Some(node_name)) => Mode::Kubernetes {
+            node_name: node_name.clone(),
+        },
+        (None, None) => bail!(
             "Kubernetes mode needs --node-name (or NODE_NAME from the downward API); for standalone mode pass --bindings"
-        );
-    }
+        ),
+    };
     let mount = cgroupfs::cgroup2_mount()?;
-    let cgroup = match (&args.cgroup, &file) {
+    let cgroup = match (&args.cgroup, &mode) {
         (Some(dir), _) => dir.clone(),
-        (None, Some(_)) => bail!(
+        (None, Mode::Standalone(_)) => bail!(
             "--cgroup is required in standalone mode (--bindings): name the subtree to intercept"
         ),
-        (None, None) => cgroupfs::kubepods(&mount)?,
+        (None, Mode::Kubernetes { .. }) => cgroupfs::kubepods(&mount)?,
     };
     let cgroup = cgroupfs::check_under_mount(&cgroup, &mount)?;
     let listen = listen_addr(&args)?;
@@ -112,8 +120,8 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
         authority_host: args.authority_host.clone(),
         ..imds::Config::default()
     };
-    let (source, service) = match file {
-        Some(file) => {
+    let (source, service) = match mode {
+        Mode::Standalone(file) => {
             for warning in file.warnings() {
                 tracing::warn!(%warning, "bindings file");
             }
@@ -122,11 +130,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
             let service = imds::Service::new(config, source.clone(), NoSecretStore)?;
             (source, service)
         }
-        None => {
-            let node_name = args
-                .node_name
-                .clone()
-                .context("Kubernetes mode needs --node-name (or NODE_NAME from the downward API); or pass --bindings")?;
+        Mode::Kubernetes { node_name } => {
             let client = kube::Client::try_default()
                 .await
                 .context("connecting to the Kubernetes API (in-cluster config or KUBECONFIG)")?;
