@@ -1,17 +1,16 @@
 //! Pins need a bpf filesystem. On many hosts (including these test machines) nothing mounts one at /sys/fs/bpf.
 
-use std::{ffi::CString, path::Path};
+use std::path::Path;
 
-const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+use rustix::mount::{MountFlags, mount};
+
+/// `BPF_FS_MAGIC` from linux/magic.h; rustix names only a few filesystems' magic numbers.
+const BPF_FS_MAGIC: u64 = 0xcafe_4a11;
 const DEFAULT_BPFFS: &str = "/sys/fs/bpf";
 
 fn is_bpffs(path: &Path) -> bool {
-    let Ok(c) = CString::new(path.as_os_str().as_encoded_bytes()) else {
-        return false;
-    };
-    // SAFETY: statfs with a valid NUL-terminated path and a zeroed out-struct.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    (unsafe { libc::statfs(c.as_ptr(), &mut st) } == 0) && st.f_type as i64 == BPF_FS_MAGIC
+    // f_type is a signed word on some targets; the magic is compared as the unsigned 32-bit value it is.
+    rustix::fs::statfs(path).is_ok_and(|st| st.f_type as u64 & 0xffff_ffff == BPF_FS_MAGIC)
 }
 
 /// Whether `path` is the mount point of a bpf filesystem itself (its parent is on another filesystem).
@@ -36,24 +35,31 @@ pub fn ensure_bpffs(pin_dir: &Path) -> Result<(), String> {
             pin_dir.display()
         ));
     }
-    let target = CString::new(DEFAULT_BPFFS).map_err(|e| e.to_string())?;
-    let fstype = CString::new("bpf").map_err(|e| e.to_string())?;
-    // SAFETY: valid NUL-terminated strings; no data argument.
-    let rc = unsafe {
-        libc::mount(
-            fstype.as_ptr(),
-            target.as_ptr(),
-            fstype.as_ptr(),
-            0,
-            std::ptr::null(),
-        )
-    };
-    if rc != 0 {
+    if let Err(e) = mount("bpf", DEFAULT_BPFFS, "bpf", MountFlags::empty(), None) {
         return Err(format!(
             "mounting bpffs at {DEFAULT_BPFFS}: {} (needs CAP_SYS_ADMIN; on Kubernetes mount the host's /sys/fs/bpf)",
-            std::io::Error::last_os_error()
+            std::io::Error::from(e)
         ));
     }
     tracing::info!(path = DEFAULT_BPFFS, "mounted bpffs");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_ordinary_directory_is_not_bpffs() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        assert!(!is_bpffs(dir.path()));
+        assert!(!is_bpffs_root(dir.path()));
+    }
+
+    #[test]
+    fn a_pin_dir_outside_sys_fs_bpf_on_another_filesystem_is_refused_with_what_to_do() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let err = ensure_bpffs(&dir.path().join("pins")).expect_err("accepted a non-bpf pin dir");
+        assert!(err.contains("mount -t bpf"), "{err}");
+    }
 }

@@ -1,13 +1,7 @@
-//! `/healthz`, `/readyz` and `/metrics` on the health address (loopback by default).
+//! `/healthz`, `/readyz` and `/metrics` on the health address (loopback by default): the HTTP side only; what
+//! `/readyz` checks is kept in [`super::readiness`].
 
-use std::{
-    convert::Infallible,
-    net::SocketAddr,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
-};
+use std::{convert::Infallible, net::SocketAddr, sync::Arc};
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -17,39 +11,7 @@ use hyper::{
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
-use super::metrics::Metrics;
-
-/// The conditions `/readyz` waits for; each one names what is missing while it is false.
-#[derive(Default)]
-pub struct Readiness {
-    pub programs_attached: AtomicBool,
-    pub bindings_loaded: AtomicBool,
-    pub upstream_reachable: AtomicBool,
-}
-
-impl Readiness {
-    /// Whether the token service can answer callers: programs attached and bindings in place. IMDS being unreachable
-    /// does not stop that (callers get IMDS-shaped errors), but it does keep the agent from being ready.
-    pub fn serving(&self) -> bool {
-        self.programs_attached.load(Ordering::Acquire)
-            && self.bindings_loaded.load(Ordering::Acquire)
-    }
-
-    /// What is still missing; empty when ready.
-    pub fn missing(&self) -> Vec<&'static str> {
-        let mut missing = Vec::new();
-        if !self.programs_attached.load(Ordering::Acquire) {
-            missing.push("kernel programs not attached");
-        }
-        if !self.bindings_loaded.load(Ordering::Acquire) {
-            missing.push("identity bindings not loaded or synced");
-        }
-        if !self.upstream_reachable.load(Ordering::Acquire) {
-            missing.push("IMDS (--imds-url) not reachable");
-        }
-        missing
-    }
-}
+use super::{metrics::Metrics, readiness::Readiness};
 
 pub async fn serve(listener: TcpListener, readiness: Arc<Readiness>, metrics: Arc<Metrics>) {
     loop {

@@ -15,7 +15,22 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::datapath::Datapath;
+/// One of the kernel programs' event counters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KernelCounter {
+    /// Metric name without the `nmi_kernel_` prefix, e.g. `redirected`.
+    pub name: &'static str,
+    pub help: &'static str,
+    pub value: u64,
+}
+
+/// The kernel side's numbers, read at scrape time. Implemented by the datapath; telemetry knows nothing of eBPF.
+pub trait KernelStats: Send + Sync + 'static {
+    /// The event counters, summed over CPUs.
+    fn counters(&self) -> Vec<KernelCounter>;
+    /// Connections currently recorded in the kernel map.
+    fn tracked_connections(&self) -> usize;
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TokenLabels {
@@ -105,9 +120,9 @@ impl Metrics {
     }
 
     /// Adds the kernel's own counters and map occupancy, read at scrape time.
-    pub fn register_datapath(&mut self, datapath: Arc<Datapath>) {
+    pub fn register_kernel(&mut self, kernel: Arc<dyn KernelStats>) {
         self.registry
-            .register_collector(Box::new(KernelCollector(datapath)));
+            .register_collector(Box::new(KernelCollector(kernel)));
     }
 
     pub fn render(&self) -> String {
@@ -124,7 +139,7 @@ impl Default for Metrics {
     }
 }
 
-struct KernelCollector(Arc<Datapath>);
+struct KernelCollector(Arc<dyn KernelStats>);
 
 impl std::fmt::Debug for KernelCollector {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -134,10 +149,10 @@ impl std::fmt::Debug for KernelCollector {
 
 impl Collector for KernelCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        for (counter, value) in self.0.counters() {
+        for KernelCounter { name, help, value } in self.0.counters() {
             let metric = ConstCounter::new(value);
-            let name = format!("kernel_{}", counter.name());
-            let help = format!("Kernel datapath events: {}", counter.help());
+            let name = format!("kernel_{name}");
+            let help = format!("Kernel datapath events: {help}");
             metric.encode(encoder.encode_descriptor(
                 &name,
                 &help,
@@ -153,5 +168,41 @@ impl Collector for KernelCollector {
             tracked.metric_type(),
         )?)?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Fixed;
+
+    impl KernelStats for Fixed {
+        fn counters(&self) -> Vec<KernelCounter> {
+            vec![KernelCounter {
+                name: "redirected",
+                help: "connects to IMDS:80 redirected to the agent",
+                value: 7,
+            }]
+        }
+
+        fn tracked_connections(&self) -> usize {
+            3
+        }
+    }
+
+    #[test]
+    fn kernel_numbers_are_read_at_scrape_time_under_their_names() {
+        let mut metrics = Metrics::new();
+        metrics.register_kernel(Arc::new(Fixed));
+        let text = metrics.render();
+        assert!(text.contains("nmi_kernel_redirected_total 7"), "{text}");
+        assert!(text.contains("nmi_tracked_connections 3"), "{text}");
+        assert!(
+            text.contains(
+                "# HELP nmi_kernel_redirected Kernel datapath events: connects to IMDS:80"
+            ),
+            "{text}"
+        );
     }
 }

@@ -1,7 +1,9 @@
-//! Logs, the audit trail, health and readiness.
+//! Logs, the audit trail, health and readiness. The bottom layer: every other part reports here, and nothing here
+//! depends on them (the kernel's numbers come in through [`metrics::KernelStats`]).
 
 pub mod health;
 pub mod metrics;
+pub mod readiness;
 
 use clap::ValueEnum;
 use tracing_subscriber::{EnvFilter, fmt, prelude::*};

@@ -1,5 +1,7 @@
 //! The command line: a contract, documented in docs/configuration.md. Every flag also reads an `NMI_AGENT_*`
-//! environment variable.
+//! environment variable. What clap cannot check on its own is checked next to it ([`listen`]).
+
+mod listen;
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -9,6 +11,8 @@ use std::{
 use clap::{Args, Parser, Subcommand};
 
 use crate::telemetry::LogFormat;
+
+pub use listen::{ListenError, token_listen_addr};
 
 /// Node identity agent: each pod gets its own Azure identity from an unchanged IMDS client, attested by the kernel.
 #[derive(Debug, Parser)]

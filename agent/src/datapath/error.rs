@@ -1,0 +1,64 @@
+//! What can go wrong while loading, attaching, pinning or reading the kernel programs, each with what to do about it.
+
+use std::path::{Path, PathBuf};
+
+use aya::programs::links::LinkError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error(
+        "this nmi-agent binary was built without its eBPF object (plain `cargo build`); build it with `cargo xtask build`"
+    )]
+    NoObject,
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "loading the eBPF object: {0} (needs root or CAP_BPF + CAP_NET_ADMIN, and a kernel >= 5.8 with BTF)"
+    )]
+    Load(#[from] aya::EbpfError),
+    #[error("program {name}: {source}")]
+    Program {
+        name: &'static str,
+        source: aya::programs::ProgramError,
+    },
+    #[error("program {name}: taking its link: {source}")]
+    Link {
+        name: &'static str,
+        source: LinkError,
+    },
+    #[error("pinning {path}: {source}")]
+    Pin {
+        path: PathBuf,
+        source: aya::pin::PinError,
+    },
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        source: aya::maps::MapError,
+    },
+    #[error(
+        "the eBPF object has no {kind} named {name}; the binary and its object are out of step"
+    )]
+    Missing {
+        kind: &'static str,
+        name: &'static str,
+    },
+    #[error("{0}")]
+    Bpffs(String),
+}
+
+/// Wraps an I/O error on `path` with what was being done to it.
+pub(crate) fn io<'a>(
+    what: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(std::io::Error) -> DatapathError + 'a {
+    move |source| DatapathError::Io {
+        what,
+        path: path.to_owned(),
+        source,
+    }
+}
