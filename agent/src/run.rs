@@ -17,12 +17,11 @@ use crate::{
     cli::{DEFAULT_PORT, RunArgs},
     datapath::{self, Datapath},
     identity::{
-        Resolve, Source,
+        BindingSource, NoSecretStore, Resolve,
         file::{self, FileSource},
         kube::{KubeConfig, KubeSecrets, KubeSource},
     },
-    imds::{self, NoSecretStore},
-    server,
+    imds, server,
     telemetry::{self, health, metrics::Metrics},
 };
 
@@ -126,7 +125,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
                 tracing::warn!(%warning, "bindings file");
             }
             file.spawn_reloader(file::DEFAULT_POLL);
-            let source = Source::File(file);
+            let source = BindingSource::File(file);
             let service = imds::Service::new(config, source.clone(), NoSecretStore)?;
             (source, service)
         }
@@ -138,7 +137,8 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
                 cluster_wide: args.cluster_wide_bindings,
                 ..KubeConfig::new(node_name)
             };
-            let source = Source::Kube(Arc::new(KubeSource::start(client.clone(), kube_config)?));
+            let source =
+                BindingSource::Kube(Arc::new(KubeSource::start(client.clone(), kube_config)?));
             let service = if args.service_principals {
                 imds::Service::new(config, source.clone(), KubeSecrets::new(client))?
             } else {
@@ -223,7 +223,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
 
 /// Marks bindings loaded once the source has them (Kubernetes: every reflector listed once), and keeps the bindings
 /// gauge current.
-fn track_bindings(source: Source, readiness: Arc<health::Readiness>, metrics: Arc<Metrics>) {
+fn track_bindings(source: BindingSource, readiness: Arc<health::Readiness>, metrics: Arc<Metrics>) {
     let mut bound = source.bound_client_ids();
     tokio::spawn(async move {
         loop {

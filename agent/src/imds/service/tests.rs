@@ -13,13 +13,18 @@ use std::{
 use http::{HeaderValue, Request, StatusCode, header};
 use tracing_subscriber::{Layer, Registry, layer::SubscriberExt};
 
-use super::{
-    response::{JSON, body_of},
-    source::ImdsTokenSource,
-    upstream::tests::{FakeUpstream, Scripted},
-    *,
+use super::*;
+use crate::{
+    identity::{Identity, IdentityKind, NoSecretStore, Workload},
+    imds::{
+        response::{JSON, body_of},
+        token::{
+            RetryPolicy, TransportError,
+            fake::{FakeUpstream, Scripted},
+            unix_now,
+        },
+    },
 };
-use crate::identity::{Identity, IdentityKind};
 
 struct FakeResolver {
     by_pid: HashMap<u32, Binding>,
@@ -271,7 +276,7 @@ async fn bound_caller_gets_its_token_then_from_the_cache() {
         .as_str()
         .and_then(|s| s.parse().ok())
         .expect("numeric expires_in");
-    let now = source::unix_now();
+    let now = unix_now();
     assert!(
         expires_in <= 4_102_444_800 - now && expires_in + 5 >= 4_102_444_800 - now,
         "recomputed: {expires_in}"
@@ -500,9 +505,7 @@ async fn upstream_failures_pass_through_and_are_not_cached() {
     assert_eq!(h.upstream.calls(), 2);
 
     let down = harness(
-        vec![Scripted::Fail(upstream::TransportError::Connect(
-            "refused".into(),
-        ))],
+        vec![Scripted::Fail(TransportError::Connect("refused".into()))],
         Config::default(),
     );
     let (status, _, body) = down.call(BOUND_ONE, get(TOKEN_URI)).await;
