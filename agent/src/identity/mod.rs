@@ -4,7 +4,7 @@
 //! - `binding`: the vocabulary every source answers in ([`Identity`], [`Binding`], [`Resolve`]).
 //! - `select`: one request's identity among those bound to the caller.
 //! - `source`: [`BindingSource`], the file or Kubernetes source the agent runs with.
-//! - [`file`], [`kube`]: the two sources; `podcgroup` reads a pod out of a cgroup path for both.
+//! - [`file`](mod@file), [`kube`](mod@kube): the two sources; `podcgroup` reads a pod out of a cgroup path for both.
 //! - `secrets`: where service principals' secrets live and who may read them.
 //! - `azure_id`: the shapes of Azure's identifiers.
 

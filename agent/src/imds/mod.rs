@@ -27,7 +27,7 @@
 //! - Token requests: without exactly `Metadata: true`, 400 `bad_request_102` at once, before any identity lookup (SDK
 //!   probes get a fast answer). Then GET only (405), `resource` required, at most one of `client_id`, `object_id`,
 //!   `msi_res_id`, `mi_res_id` (400 `invalid_request`).
-//! - The caller's binding picks the identity ([`crate::identity::select`]). Unbound, not bound or ambiguous: 400
+//! - The caller's binding picks the identity ([`crate::identity::select()`]). Unbound, not bound or ambiguous: 400
 //!   `Identity not found`, IMDS's own answer for an identity the VM lacks, so SDKs treat the credential as
 //!   unavailable; nothing goes upstream. A node exception is forwarded unchanged, as the node.
 //! - Tokens come from the cache ([`TokenCache`]), else one single-flight fetch: IMDS by the identity's `client_id` for

@@ -9,7 +9,7 @@ use std::{
 use crate::identity::binding::Identity;
 
 /// One validated bindings file: cgroup path (absolute form, relative to `--cgroup`) -> identities bound there.
-/// Built by [`super::validate`].
+/// Built by [`super::parse`].
 #[derive(Debug, Default)]
 pub struct Bindings {
     pub(super) by_path: HashMap<PathBuf, Vec<Arc<Identity>>>,

@@ -316,6 +316,22 @@ bindings:
     assert!(!w.contains("`a` is"), "{w}");
 }
 
+/// A file that binds identity `a` (client id `A`) to cgroup `x`.
+fn a_bound_to_x() -> String {
+    format!(
+        "identities:\n  - name: a\n    clientID: \"{A}\"\nbindings:\n  - cgroup: x\n    identity: a\n"
+    )
+}
+
+/// Writes `text` to a bindings file in a fresh directory (kept as long as the first value lives) and loads it.
+fn load(text: &str) -> (tempfile::TempDir, PathBuf, FileSource) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("bindings.yaml");
+    write(&path, text);
+    let src = FileSource::load(&path).expect("load");
+    (dir, path, src)
+}
+
 fn write(path: &Path, text: &str) {
     std::fs::write(path, text).expect("write bindings file");
 }
@@ -349,15 +365,7 @@ async fn wait_until_bound(
 
 #[test]
 fn reload_swaps_and_a_bad_reload_keeps_the_old_table() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("bindings.yaml");
-    write(
-        &path,
-        &format!(
-            "identities:\n  - name: a\n    clientID: \"{A}\"\nbindings:\n  - cgroup: x\n    identity: a\n"
-        ),
-    );
-    let src = FileSource::load(&path).expect("load");
+    let (_dir, path, src) = load(&a_bound_to_x());
     let mut bound = src.bound_client_ids();
     assert_eq!(
         bound_names(&src.resolve_cgroup(caller("/x/y").as_deref())),
@@ -419,13 +427,9 @@ fn reload_swaps_and_a_bad_reload_keeps_the_old_table() {
 
 #[tokio::test]
 async fn the_reloader_sees_a_replaced_file() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("bindings.yaml");
-    let v1 = format!(
-        "identities:\n  - name: a\n    clientID: \"{A}\"\nbindings:\n  - cgroup: x\n    identity: a\n"
-    );
-    write(&path, &v1);
-    let src = Arc::new(FileSource::load(&path).expect("load"));
+    let v1 = a_bound_to_x();
+    let (dir, path, src) = load(&v1);
+    let src = Arc::new(src);
     let task = src.spawn_reloader(Duration::from_millis(50));
 
     // Replace through rename, as editors and ConfigMap updates do.
@@ -448,13 +452,9 @@ async fn sighup_reloads() {
     // Registering a handler first makes SIGHUP harmless to this test process whatever the reloader task does.
     let _guard = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .expect("sighup handler");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("bindings.yaml");
-    let v1 = format!(
-        "identities:\n  - name: a\n    clientID: \"{A}\"\nbindings:\n  - cgroup: x\n    identity: a\n"
-    );
-    write(&path, &v1);
-    let src = Arc::new(FileSource::load(&path).expect("load"));
+    let v1 = a_bound_to_x();
+    let (_dir, path, src) = load(&v1);
+    let src = Arc::new(src);
     // A poll so slow that only the signal can cause the reload.
     let task = src.spawn_reloader(Duration::from_secs(3600));
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -477,15 +477,8 @@ async fn sighup_reloads() {
 #[tokio::test]
 async fn the_source_enum_dispatches_to_the_file() {
     use std::net::{Ipv4Addr, SocketAddrV4};
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("b.yaml");
-    write(
-        &path,
-        &format!(
-            "identities:\n  - name: a\n    clientID: \"{A}\"\nbindings:\n  - cgroup: x\n    identity: a\n"
-        ),
-    );
-    let source = BindingSource::File(Arc::new(FileSource::load(&path).expect("load")));
+    let (_dir, _, src) = load(&a_bound_to_x());
+    let source = BindingSource::File(Arc::new(src));
     assert!(source.ready());
     assert_eq!(
         **source.bound_client_ids().borrow(),
@@ -506,10 +499,7 @@ fn workload_carries_pod_and_container_when_the_path_is_a_pod() {
     let b = format!(
         "identities:\n  - name: a\n    clientID: \"{A}\"\nbindings:\n  - cgroup: kubepods-besteffort.slice\n    identity: a\n"
     );
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("b.yaml");
-    write(&path, &b);
-    let src = FileSource::load(&path).expect("load");
+    let (_dir, _, src) = load(&b);
     let cid = "ab".repeat(32);
     let got = src.resolve_cgroup(Some(Path::new(&format!(
         "/kubepods-besteffort.slice/kubepods-besteffort-pod0f3a4b5c_6d7e_4f80_91a2_b3c4d5e6f708.slice/cri-containerd-{cid}.scope"

@@ -9,6 +9,8 @@ use std::{
     sync::Arc,
 };
 
+use serde_saphyr::Spanned;
+
 use super::{
     bindings::Bindings,
     error::{FileError, Problem, ProblemKind},
@@ -27,12 +29,42 @@ pub fn parse(path: &Path, text: &str) -> Result<Bindings, FileError> {
 /// Validates a parsed file. `path` only names the file in errors.
 pub fn validate(path: &Path, raw: RawFile) -> Result<Bindings, FileError> {
     let mut problems = Vec::new();
-    let mut warnings = Vec::new();
-    let mut by_name: HashMap<String, (u32, Arc<Identity>)> = HashMap::new();
-    let mut order: Vec<String> = Vec::new();
-    let mut by_client_id: HashMap<String, String> = HashMap::new();
+    let named = identities(raw.identities.unwrap_or_default(), &mut problems);
+    let table = bindings(raw.bindings.unwrap_or_default(), &named, &mut problems);
+    if !problems.is_empty() {
+        problems.sort_by_key(|p| p.line);
+        return Err(FileError::Invalid {
+            path: path.to_owned(),
+            problems,
+        });
+    }
+    let more = unused_and_crowded(&named, &table);
+    let mut warnings = named.warnings;
+    warnings.extend(more);
+    Ok(Bindings {
+        by_path: table.by_path,
+        identities: named.order.len(),
+        bindings: table.bindings,
+        warnings,
+    })
+}
 
-    for item in raw.identities.unwrap_or_default() {
+/// The valid identities by name, in file order.
+struct Named {
+    by_name: HashMap<String, (u32, Arc<Identity>)>,
+    order: Vec<String>,
+    warnings: Vec<String>,
+}
+
+/// Checks each identity; the valid ones are kept, every problem is pushed onto `problems`.
+fn identities(items: Vec<Spanned<RawIdentity>>, problems: &mut Vec<Problem>) -> Named {
+    let mut named = Named {
+        by_name: HashMap::new(),
+        order: Vec::new(),
+        warnings: Vec::new(),
+    };
+    let mut by_client_id: HashMap<String, String> = HashMap::new();
+    for item in items {
         let line = line_of(&item);
         let RawIdentity {
             name,
@@ -68,7 +100,7 @@ pub fn validate(path: &Path, raw: RawFile) -> Result<Bindings, FileError> {
                 value: resource_id.clone(),
             });
         }
-        if let Some((first_line, _)) = by_name.get(&name) {
+        if let Some((first_line, _)) = named.by_name.get(&name) {
             problem(ProblemKind::DuplicateIdentity {
                 name: name.clone(),
                 first_line: *first_line,
@@ -78,7 +110,7 @@ pub fn validate(path: &Path, raw: RawFile) -> Result<Bindings, FileError> {
             continue;
         }
         if let Some(other) = by_client_id.insert(client_id.to_ascii_lowercase(), name.clone()) {
-            warnings.push(format!(
+            named.warnings.push(format!(
                 "line {line}: identities `{other}` and `{name}` have the same clientID; they are one identity to IMDS"
             ));
         }
@@ -90,14 +122,27 @@ pub fn validate(path: &Path, raw: RawFile) -> Result<Bindings, FileError> {
             object_id,
             kind: IdentityKind::UserAssigned,
         });
-        order.push(name.clone());
-        by_name.insert(name, (line, identity));
+        named.order.push(name.clone());
+        named.by_name.insert(name, (line, identity));
     }
+    named
+}
 
-    let mut by_path: HashMap<PathBuf, Vec<Arc<Identity>>> = HashMap::new();
-    let mut used: BTreeSet<String> = BTreeSet::new();
-    let mut bindings = 0;
-    for item in raw.bindings.unwrap_or_default() {
+/// The bindings of the valid identities, by cgroup path.
+struct Table {
+    by_path: HashMap<PathBuf, Vec<Arc<Identity>>>,
+    used: BTreeSet<String>,
+    bindings: usize,
+}
+
+/// Checks each binding and files it under its cgroup path; every problem is pushed onto `problems`.
+fn bindings(items: Vec<Spanned<RawBinding>>, named: &Named, problems: &mut Vec<Problem>) -> Table {
+    let mut table = Table {
+        by_path: HashMap::new(),
+        used: BTreeSet::new(),
+        bindings: 0,
+    };
+    for item in items {
         let line = line_of(&item);
         let RawBinding { cgroup, identity } = item.value;
         let key = match binding_key(&cgroup) {
@@ -107,7 +152,7 @@ pub fn validate(path: &Path, raw: RawFile) -> Result<Bindings, FileError> {
                 None
             }
         };
-        let Some((_, id)) = by_name.get(&identity) else {
+        let Some((_, id)) = named.by_name.get(&identity) else {
             // A binding to an identity that itself failed validation is reported once, at the identity.
             if !problems
                 .iter()
@@ -121,33 +166,35 @@ pub fn validate(path: &Path, raw: RawFile) -> Result<Bindings, FileError> {
             continue;
         };
         let Some(key) = key else { continue };
-        bindings += 1;
-        used.insert(identity.clone());
-        let ids = by_path.entry(key).or_default();
+        table.bindings += 1;
+        table.used.insert(identity.clone());
+        let ids = table.by_path.entry(key).or_default();
         // The same identity bound twice to one path is one binding.
         if !ids.iter().any(|i| i.name == id.name) {
             ids.push(Arc::clone(id));
         }
     }
+    table
+}
 
-    if !problems.is_empty() {
-        problems.sort_by_key(|p| p.line);
-        return Err(FileError::Invalid {
-            path: path.to_owned(),
-            problems,
-        });
-    }
-
-    for name in &order {
-        if !used.contains(name)
-            && let Some((line, _)) = by_name.get(name)
+/// Warnings about a valid file: identities bound nowhere, paths whose callers must name their identity, and a file
+/// that binds nothing.
+fn unused_and_crowded(named: &Named, table: &Table) -> Vec<String> {
+    let mut warnings = Vec::new();
+    for name in &named.order {
+        if !table.used.contains(name)
+            && let Some((line, _)) = named.by_name.get(name)
         {
             warnings.push(format!(
                 "line {line}: identity `{name}` is not bound to any cgroup"
             ));
         }
     }
-    let mut crowded: Vec<_> = by_path.iter().filter(|(_, ids)| ids.len() > 1).collect();
+    let mut crowded: Vec<_> = table
+        .by_path
+        .iter()
+        .filter(|(_, ids)| ids.len() > 1)
+        .collect();
     crowded.sort_by(|a, b| a.0.cmp(b.0));
     for (p, ids) in crowded {
         let names: Vec<&str> = ids.iter().map(|i| i.name.as_str()).collect();
@@ -158,15 +205,10 @@ pub fn validate(path: &Path, raw: RawFile) -> Result<Bindings, FileError> {
             names.join(", ")
         ));
     }
-    if bindings == 0 {
+    if table.bindings == 0 {
         warnings.push("the file binds nothing: every caller is unbound".to_owned());
     }
-    Ok(Bindings {
-        by_path,
-        identities: order.len(),
-        bindings,
-        warnings,
-    })
+    warnings
 }
 
 /// `orders/api` -> `/orders/api`; `.` -> `/`.

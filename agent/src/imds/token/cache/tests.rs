@@ -102,6 +102,11 @@ fn id(client_id: &str) -> Arc<Identity> {
     })
 }
 
+/// How `cache` serves `identity` and `resource`: from the cache or by a fetch.
+async fn outcome(cache: &TokenCache, identity: &Arc<Identity>, resource: &str) -> CacheOutcome {
+    cache.get(identity, resource).await.expect("token").1
+}
+
 /// Lets spawned flight tasks run to completion (they have no delay in these tests).
 async fn settle() {
     for _ in 0..20 {
@@ -177,14 +182,8 @@ async fn keys_are_identity_and_resource() {
     cache.get(&b, "r1").await.expect("token");
     assert_eq!(source.calls.load(Ordering::SeqCst), 3);
     // Client ids compare case-insensitively; resources exactly (a trailing slash changes `aud`).
-    assert_eq!(
-        cache.get(&id("AAAA"), "r1").await.expect("token").1,
-        CacheOutcome::Hit
-    );
-    assert_eq!(
-        cache.get(&a, "r1/").await.expect("token").1,
-        CacheOutcome::Miss
-    );
+    assert_eq!(outcome(&cache, &id("AAAA"), "r1").await, CacheOutcome::Hit);
+    assert_eq!(outcome(&cache, &a, "r1/").await, CacheOutcome::Miss);
 }
 
 #[tokio::test]
@@ -260,10 +259,7 @@ async fn short_lived_tokens_use_ten_percent_of_their_lifetime() {
     cache.get(&a, "r").await.expect("token");
     // Margin: 10 % of 600 s = 60 s, not 5 min.
     clock.advance(Duration::from_secs(539));
-    assert_eq!(
-        cache.get(&a, "r").await.expect("token").1,
-        CacheOutcome::Hit
-    );
+    assert_eq!(outcome(&cache, &a, "r").await, CacheOutcome::Hit);
     settle().await;
     let calls = source.calls.load(Ordering::SeqCst);
     assert_eq!(
@@ -271,10 +267,7 @@ async fn short_lived_tokens_use_ten_percent_of_their_lifetime() {
         "inside the refresh-ahead window (25 % = 150 s): refreshed in the background"
     );
     clock.advance(Duration::from_secs(600));
-    assert_eq!(
-        cache.get(&a, "r").await.expect("token").1,
-        CacheOutcome::Miss
-    );
+    assert_eq!(outcome(&cache, &a, "r").await, CacheOutcome::Miss);
 }
 
 #[tokio::test]
@@ -292,24 +285,15 @@ async fn a_token_already_near_expiry_is_reused_briefly() {
     });
     let cache = TokenCache::with_clock(CacheConfig::default(), source.clone(), clock.clone());
     let a = id("aaaa");
-    assert_eq!(
-        cache.get(&a, "r").await.expect("token").1,
-        CacheOutcome::Miss
-    );
+    assert_eq!(outcome(&cache, &a, "r").await, CacheOutcome::Miss);
     for _ in 0..10 {
-        assert_eq!(
-            cache.get(&a, "r").await.expect("token").1,
-            CacheOutcome::Hit
-        );
+        assert_eq!(outcome(&cache, &a, "r").await, CacheOutcome::Hit);
         settle().await;
     }
     // One background refresh (the token is inside its refresh window), then the backoff holds.
     assert_eq!(source.calls.load(Ordering::SeqCst), 2);
     clock.advance(Duration::from_secs(31));
-    assert_eq!(
-        cache.get(&a, "r").await.expect("token").1,
-        CacheOutcome::Miss
-    );
+    assert_eq!(outcome(&cache, &a, "r").await, CacheOutcome::Miss);
     assert_eq!(source.calls.load(Ordering::SeqCst), 3);
 }
 
@@ -402,14 +386,8 @@ async fn purge_drops_an_identity_and_disowns_its_flights() {
     cache.get(&b, "r1").await.expect("token");
     assert_eq!(cache.purge_identity("AAAA"), 2);
     assert_eq!(cache.stats().entries, 1);
-    assert_eq!(
-        cache.get(&a, "r1").await.expect("token").1,
-        CacheOutcome::Miss
-    );
-    assert_eq!(
-        cache.get(&b, "r1").await.expect("token").1,
-        CacheOutcome::Hit
-    );
+    assert_eq!(outcome(&cache, &a, "r1").await, CacheOutcome::Miss);
+    assert_eq!(outcome(&cache, &b, "r1").await, CacheOutcome::Hit);
     assert_eq!(source.calls.load(Ordering::SeqCst), 4);
 }
 
@@ -428,10 +406,7 @@ async fn purge_during_a_flight_does_not_cache_its_result() {
         "the waiting caller still gets its answer"
     );
     assert_eq!(cache.stats().entries, 0, "but it is not cached");
-    assert_eq!(
-        cache.get(&a, "r").await.expect("token").1,
-        CacheOutcome::Miss
-    );
+    assert_eq!(outcome(&cache, &a, "r").await, CacheOutcome::Miss);
     assert_eq!(source.calls.load(Ordering::SeqCst), 2);
 }
 
@@ -448,26 +423,14 @@ async fn bounded_with_lru_eviction() {
         clock.advance(Duration::from_secs(1));
     }
     // Touch a, so b is the least recently used.
-    assert_eq!(
-        cache.get(&ids[0], "r").await.expect("token").1,
-        CacheOutcome::Hit
-    );
+    assert_eq!(outcome(&cache, &ids[0], "r").await, CacheOutcome::Hit);
     clock.advance(Duration::from_secs(1));
     cache.get(&ids[3], "r").await.expect("token");
     let stats = cache.stats();
     assert_eq!((stats.entries, stats.evictions), (3, 1));
-    assert_eq!(
-        cache.get(&ids[0], "r").await.expect("token").1,
-        CacheOutcome::Hit
-    );
-    assert_eq!(
-        cache.get(&ids[2], "r").await.expect("token").1,
-        CacheOutcome::Hit
-    );
-    assert_eq!(
-        cache.get(&ids[1], "r").await.expect("token").1,
-        CacheOutcome::Miss
-    );
+    assert_eq!(outcome(&cache, &ids[0], "r").await, CacheOutcome::Hit);
+    assert_eq!(outcome(&cache, &ids[2], "r").await, CacheOutcome::Hit);
+    assert_eq!(outcome(&cache, &ids[1], "r").await, CacheOutcome::Miss);
     assert_eq!(source.calls.load(Ordering::SeqCst), 5);
 }
 
@@ -479,14 +442,8 @@ async fn retain_keeps_only_bound_identities() {
     }
     let keep = BTreeSet::from(["aaaa".to_owned(), "bbbb".to_owned()]);
     assert_eq!(cache.retain_client_ids(&keep), 1);
-    assert_eq!(
-        cache.get(&id("bbbb"), "r").await.expect("token").1,
-        CacheOutcome::Hit
-    );
-    assert_eq!(
-        cache.get(&id("cccc"), "r").await.expect("token").1,
-        CacheOutcome::Miss
-    );
+    assert_eq!(outcome(&cache, &id("bbbb"), "r").await, CacheOutcome::Hit);
+    assert_eq!(outcome(&cache, &id("cccc"), "r").await, CacheOutcome::Miss);
     assert_eq!(cache.retain_client_ids(&BTreeSet::new()), 3);
 }
 
@@ -580,9 +537,9 @@ async fn a_forged_client_id_does_not_get_a_service_principals_token() {
     );
 }
 
-const H: u64 = 3600 * 1000;
-const M: u64 = 60 * 1000;
-const S: u64 = 1000;
+const H: i64 = 3600 * 1000;
+const M: i64 = 60 * 1000;
+const S: i64 = 1000;
 
 #[test]
 fn the_schedule_of_a_token_by_its_lifetime() {
@@ -592,91 +549,44 @@ fn the_schedule_of_a_token_by_its_lifetime() {
         refresh_ahead: Duration::from_secs(1),
         ..CacheConfig::default()
     };
-    // (what, config, expires_on and not_before in epoch s, expected stale_at, refresh_at, expires_at in ms)
-    let cases: [(&str, &CacheConfig, u64, u64, Schedule); 7] = [
+    // (lifetime in s, issued how many s before now, config, [stale_at, refresh_at, expires_at] in ms from now)
+    let cases: [(u64, i64, &CacheConfig, [i64; 3]); 7] = [
+        // 24 h: the 5 min margin, refreshed from 15 min before expiry.
         (
-            "24 h token: the 5 min margin, 15 min ahead",
+            86_400,
+            0,
             &default,
-            T0 + 86_400,
-            T0,
-            Schedule {
-                stale_at: now + 24 * H - 5 * M,
-                refresh_at: now + 24 * H - 15 * M,
-                expires_at: now + 24 * H,
-            },
+            [24 * H - 5 * M, 24 * H - 15 * M, 24 * H],
         ),
+        // 1 h: 5 min is under 10 % of it, 15 min is 25 %.
+        (3600, 0, &default, [55 * M, 45 * M, H]),
+        // 10 min: 10 % and 25 % of the lifetime.
+        (600, 0, &default, [9 * M, 10 * M - 150 * S, 10 * M]),
+        // A refresh-ahead below the margin is pinned to the margin.
+        (3600, 0, &short_ahead, [55 * M, 55 * M, H]),
+        // Issued long ago with 200 s left: served for min_reuse.
         (
-            "1 h token: 5 min is under 10 %, 15 min is 25 %",
+            86_400,
+            86_400 - 200,
             &default,
-            T0 + 3600,
-            T0,
-            Schedule {
-                stale_at: now + 55 * M,
-                refresh_at: now + 45 * M,
-                expires_at: now + H,
-            },
+            [30 * S, 200 * S - 15 * M, 200 * S],
         ),
-        (
-            "10 min token: 10 % and 25 % of its lifetime",
-            &default,
-            T0 + 600,
-            T0,
-            Schedule {
-                stale_at: now + 9 * M,
-                refresh_at: now + 10 * M - 150 * S,
-                expires_at: now + 10 * M,
-            },
-        ),
-        (
-            "refresh-ahead below the margin is pinned to the margin",
-            &short_ahead,
-            T0 + 3600,
-            T0,
-            Schedule {
-                stale_at: now + 55 * M,
-                refresh_at: now + 55 * M,
-                expires_at: now + H,
-            },
-        ),
-        (
-            "issued long ago with 200 s left: served for min_reuse",
-            &default,
-            T0 + 200,
-            T0 + 200 - 86_400,
-            Schedule {
-                stale_at: now + 30 * S,
-                refresh_at: now + 200 * S - 15 * M,
-                expires_at: now + 200 * S,
-            },
-        ),
-        (
-            "20 s left: min_reuse never reaches past the real expiry",
-            &default,
-            T0 + 20,
-            T0 + 20 - 3600,
-            Schedule {
-                stale_at: now + 19 * S,
-                refresh_at: now + 20 * S - 15 * M,
-                expires_at: now + 20 * S,
-            },
-        ),
-        (
-            "not_before in the future (clock skew): the lifetime counts from now",
-            &default,
-            T0 + 1000,
-            T0 + 500,
-            Schedule {
-                stale_at: now + 900 * S,
-                refresh_at: now + 750 * S,
-                expires_at: now + 1000 * S,
-            },
-        ),
+        // 20 s left: min_reuse never reaches past the real expiry.
+        (3600, 3600 - 20, &default, [19 * S, 20 * S - 15 * M, 20 * S]),
+        // not_before in the future (clock skew): the lifetime counts from now.
+        (500, -500, &default, [900 * S, 750 * S, 1000 * S]),
     ];
-    for (what, config, expires_on, not_before, want) in cases {
+    for (lifetime, age, config, [stale, refresh, expires]) in cases {
+        let not_before = T0.saturating_add_signed(-age);
+        let at = |offset: i64| now.saturating_add_signed(offset);
         assert_eq!(
-            Schedule::new(expires_on, not_before, now, config),
-            want,
-            "{what}"
+            Schedule::new(not_before + lifetime, not_before, now, config),
+            Schedule {
+                stale_at: at(stale),
+                refresh_at: at(refresh),
+                expires_at: at(expires),
+            },
+            "lifetime {lifetime} s, issued {age} s ago"
         );
     }
 }
