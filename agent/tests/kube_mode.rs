@@ -12,10 +12,9 @@ use std::{
 use nmi_agent::{
     attest::Attestation,
     identity::{
-        Binding, IdentityKind, Resolve, SecretRef, Source,
+        Binding, BindingSource, IdentityKind, Resolve, SecretRef, SecretStore,
         kube::{KubeConfig, KubeSecrets, KubeSource, MAX_POD_WAIT},
     },
-    imds::SecretStore,
 };
 use nmi_agent_e2e::fake_apiserver::FakeApiServer;
 use serde_json::{Value, json};
@@ -126,7 +125,7 @@ where
 async fn binding_created_and_deleted_at_run_time() {
     let server = FakeApiServer::start().await;
     let src = Arc::new(source(&server, false).await);
-    let source = Source::Kube(Arc::clone(&src));
+    let source = BindingSource::Kube(Arc::clone(&src));
     let mut bound = source.bound_client_ids();
     let u = uid(1);
     let who = caller(cgroup_of(&u));

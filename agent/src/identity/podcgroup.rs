@@ -62,7 +62,7 @@ fn canonical_uid(uid: &str) -> Option<String> {
     let hex = uid.bytes().filter(|b| *b != b'-').count();
     let ok = uid.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-')
         && hex == 32
-        && (!uid.contains('-') || super::file::is_guid(uid));
+        && (!uid.contains('-') || super::azure_id::is_guid(uid));
     ok.then(|| uid.to_ascii_lowercase())
 }
 

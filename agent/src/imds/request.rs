@@ -103,21 +103,10 @@ fn form_decode(raw: &str) -> Result<String, ()> {
     percent_decode(&raw.replace('+', " ")).map_err(|_| ())
 }
 
-/// Everything but RFC 3986 unreserved characters (`A-Z a-z 0-9 - . _ ~`).
-const QUERY_COMPONENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
-    .remove(b'-')
-    .remove(b'.')
-    .remove(b'_')
-    .remove(b'~');
-
-/// Encodes a query component: everything but RFC 3986 unreserved characters is percent-encoded.
-pub(crate) fn query_encode(value: &str) -> String {
-    percent_encoding::utf8_percent_encode(value, QUERY_COMPONENT).to_string()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::imds::token::query_encode;
     use http::HeaderValue;
 
     fn headers(values: &[&str]) -> HeaderMap {

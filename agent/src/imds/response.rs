@@ -1,44 +1,15 @@
-//! What the agent answers, shaped as IMDS answers: tokens, and `{"error": .., "error_description": ..}` bodies.
+//! What the agent answers, shaped as IMDS answers: tokens, `{"error": .., "error_description": ..}` bodies, IMDS's
+//! own answers passed through, and the answer for each way a token fetch fails.
 
 use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
 use http_body_util::Full;
 use serde::Serialize;
 
+use super::token::{FetchError, Token, UpstreamResponse};
+
 /// IMDS's content type for every JSON answer (seen in live responses).
 pub const JSON: &str = "application/json; charset=utf-8";
-
-/// A token as the cache keeps it. Times are Unix epoch seconds; relative fields are recomputed when served.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Token {
-    pub access_token: String,
-    /// Client id of the identity the token was issued to.
-    pub client_id: String,
-    /// `exp`.
-    pub expires_on: u64,
-    /// `nbf`.
-    pub not_before: u64,
-    /// The end of the extended lifetime (`ext_expires_in` added to the time the token was fetched).
-    pub ext_expires_on: u64,
-    pub token_type: String,
-}
-
-// Tokens are bearer credentials: Debug must never print one, even in an error path's log line.
-impl std::fmt::Debug for Token {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Token")
-            .field(
-                "access_token",
-                &format_args!("<{} bytes>", self.access_token.len()),
-            )
-            .field("client_id", &self.client_id)
-            .field("expires_on", &self.expires_on)
-            .field("not_before", &self.not_before)
-            .field("ext_expires_on", &self.ext_expires_on)
-            .field("token_type", &self.token_type)
-            .finish()
-    }
-}
 
 /// IMDS's success body. All values are strings, in IMDS's field order.
 #[derive(Serialize)]
@@ -169,6 +140,61 @@ pub fn unavailable(description: &str) -> Response<Full<Bytes>> {
         HeaderValue::from(UNAVAILABLE_RETRY_AFTER_SECS),
     );
     response
+}
+
+/// IMDS's own answer, status and body unchanged, with its content type (JSON if it sent none) and `Retry-After`.
+pub fn passthrough(r: &UpstreamResponse) -> Response<Full<Bytes>> {
+    let content_type = r
+        .content_type
+        .clone()
+        .unwrap_or_else(|| HeaderValue::from_static(JSON));
+    let mut out = with_content_type(r.status, content_type, r.body.clone());
+    if let Some(retry_after) = &r.retry_after {
+        out.headers_mut()
+            .insert(header::RETRY_AFTER, retry_after.clone());
+    }
+    out
+}
+
+impl FetchError {
+    /// The answer the caller gets.
+    pub fn to_response(&self) -> Response<Full<Bytes>> {
+        match self {
+            FetchError::Upstream(r) => passthrough(r),
+            // The cause (addresses, OS errors) goes to the audit line, not to the workload.
+            FetchError::Unreachable(_) => unavailable("The metadata service is unreachable"),
+            // A 502 is retried by every SDK that retries 5xx, and a bad body is most likely a transient upstream fault.
+            FetchError::InvalidResponse(_) => error(
+                StatusCode::BAD_GATEWAY,
+                "unknown",
+                "The metadata service returned an unusable token",
+            ),
+            FetchError::Secret(_) => {
+                unavailable("The service principal's secret could not be read")
+            }
+            // Entra ID refused the credentials (bad secret, unknown tenant or app): retrying will not help, and 400 is
+            // what tells SDKs to stop. 429 and 5xx stay transient.
+            FetchError::Entra { status, message }
+                if (400..500).contains(status) && *status != 429 =>
+            {
+                error(StatusCode::BAD_REQUEST, "invalid_client", message)
+            }
+            FetchError::Entra { status, message } => error(
+                StatusCode::from_u16(*status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+                "unknown",
+                message,
+            ),
+            FetchError::EntraUnavailable(_) => unavailable("Entra ID is unreachable"),
+            FetchError::Unsupported(message) => {
+                error(StatusCode::BAD_REQUEST, "invalid_request", message)
+            }
+            FetchError::Internal(_) => error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "unknown",
+                "Internal error",
+            ),
+        }
+    }
 }
 
 /// Test helper: status, content type and body text of an answer.
@@ -304,5 +330,42 @@ mod tests {
             token_type: "Bearer".into(),
         };
         assert!(!format!("{t:?}").contains("secret-token"));
+    }
+
+    #[tokio::test]
+    async fn entra_error_mapping() {
+        let refused = FetchError::Entra {
+            status: 401,
+            message: "AADSTS7000215: Invalid client secret provided.".into(),
+        };
+        let (status, _, body) = body_of(refused.to_response()).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert!(
+            body.contains("invalid_client") && body.contains("AADSTS7000215"),
+            "{body}"
+        );
+        let throttled = FetchError::Entra {
+            status: 429,
+            message: "slow".into(),
+        };
+        assert_eq!(
+            throttled.to_response().status(),
+            StatusCode::TOO_MANY_REQUESTS
+        );
+        let down = FetchError::Entra {
+            status: 503,
+            message: "down".into(),
+        };
+        assert_eq!(down.to_response().status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            FetchError::Secret("x".into()).to_response().status(),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        assert_eq!(
+            FetchError::EntraUnavailable("x".into())
+                .to_response()
+                .status(),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
     }
 }

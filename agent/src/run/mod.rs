@@ -14,12 +14,11 @@ use crate::{
     cli::RunArgs,
     datapath::{self, Datapath},
     identity::{
-        Source,
+        BindingSource, NoSecretStore,
         file::{self, FileSource},
         kube::{KubeConfig, KubeSecrets, KubeSource},
     },
-    imds::{self, NoSecretStore},
-    server,
+    imds, server,
     telemetry::{
         self, health,
         metrics::Metrics,
@@ -91,7 +90,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
                 tracing::warn!(%warning, "bindings file");
             }
             file.spawn_reloader(file::DEFAULT_POLL);
-            let source = Source::File(Arc::clone(&file));
+            let source = BindingSource::File(Arc::clone(&file));
             let service = imds::Service::new(config, source.clone(), NoSecretStore)?;
             (source, service, Box::new(reload_on_hangup(file)))
         }
@@ -103,7 +102,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
                 cluster_wide: args.cluster_wide_bindings,
                 ..KubeConfig::new(node_name)
             };
-            let source = Source::Kube(Arc::new(KubeSource::start(client.clone(), kube_config)?));
+            let source = BindingSource::Kube(Arc::new(KubeSource::start(client.clone(), kube_config)?));
             let service = if args.service_principals {
                 imds::Service::new(config, source.clone(), KubeSecrets::new(client))?
             } else {

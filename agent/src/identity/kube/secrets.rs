@@ -4,7 +4,7 @@
 use k8s_openapi::api::core::v1::Secret;
 use kube::{Api, Client};
 
-use crate::identity::SecretRef;
+use crate::identity::secrets::{SecretRef, SecretStore};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SecretError {
@@ -78,8 +78,8 @@ impl KubeSecrets {
     }
 }
 
-/// The IMDS service's view of secrets: service-principal identities get their client secret from here.
-impl crate::imds::SecretStore for KubeSecrets {
+/// The token sources' view of secrets: service-principal identities get their client secret from here.
+impl SecretStore for KubeSecrets {
     type Error = SecretError;
 
     async fn secret(&self, r: &SecretRef) -> Result<String, SecretError> {

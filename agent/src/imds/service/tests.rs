@@ -13,13 +13,18 @@ use std::{
 use http::{HeaderValue, Request, StatusCode, header};
 use tracing_subscriber::{Layer, Registry, layer::SubscriberExt};
 
-use super::{
-    response::{JSON, body_of},
-    source::ImdsTokenSource,
-    upstream::tests::{FakeUpstream, Scripted},
-    *,
+use super::*;
+use crate::{
+    identity::{Identity, IdentityKind, NoSecretStore, Workload},
+    imds::{
+        response::{JSON, body_of},
+        token::{
+            RetryPolicy, TransportError,
+            fake::{FakeUpstream, Scripted},
+            unix_now,
+        },
+    },
 };
-use crate::identity::{Identity, IdentityKind};
 
 struct FakeResolver {
     by_pid: HashMap<u32, Binding>,
@@ -145,6 +150,14 @@ fn harness(script: Vec<Scripted>, config: Config) -> Harness {
     }
 }
 
+/// The usual harness: IMDS hands out `TOKEN_A`, default configuration.
+fn serving_token_a() -> Harness {
+    harness(
+        vec![Scripted::Status(200, TOKEN_A, None)],
+        Config::default(),
+    )
+}
+
 fn get(uri: &str) -> Request<()> {
     Request::get(uri)
         .header("Metadata", "true")
@@ -170,10 +183,7 @@ impl Harness {
 
 #[tokio::test]
 async fn missing_or_wrong_metadata_header_is_answered_before_any_lookup() {
-    let h = harness(
-        vec![Scripted::Status(200, TOKEN_A, None)],
-        Config::default(),
-    );
+    let h = serving_token_a();
     let bare = Request::get(TOKEN_URI).body(()).expect("request");
     let probe = Request::get("/metadata/identity/oauth2/token")
         .body(())
@@ -202,10 +212,7 @@ async fn missing_or_wrong_metadata_header_is_answered_before_any_lookup() {
 
 #[tokio::test]
 async fn malformed_token_requests() {
-    let h = harness(
-        vec![Scripted::Status(200, TOKEN_A, None)],
-        Config::default(),
-    );
+    let h = serving_token_a();
     let (status, _, body) = h
         .call(
             BOUND_ONE,
@@ -239,10 +246,7 @@ async fn malformed_token_requests() {
 
 #[tokio::test]
 async fn bound_caller_gets_its_token_then_from_the_cache() {
-    let h = harness(
-        vec![Scripted::Status(200, TOKEN_A, None)],
-        Config::default(),
-    );
+    let h = serving_token_a();
     let (status, ct, body) = h.call(BOUND_ONE, get(TOKEN_URI)).await;
     assert_eq!((status, ct.as_deref()), (StatusCode::OK, Some(JSON)));
     let v: serde_json::Value = serde_json::from_str(&body).expect("json");
@@ -271,7 +275,7 @@ async fn bound_caller_gets_its_token_then_from_the_cache() {
         .as_str()
         .and_then(|s| s.parse().ok())
         .expect("numeric expires_in");
-    let now = source::unix_now();
+    let now = unix_now();
     assert!(
         expires_in <= 4_102_444_800 - now && expires_in + 5 >= 4_102_444_800 - now,
         "recomputed: {expires_in}"
@@ -297,10 +301,7 @@ async fn bound_caller_gets_its_token_then_from_the_cache() {
 
 #[tokio::test]
 async fn backslash_and_case_variants_reach_the_checked_token_endpoint() {
-    let h = harness(
-        vec![Scripted::Status(200, TOKEN_A, None)],
-        Config::default(),
-    );
+    let h = serving_token_a();
     for path in [
         "/metadata/identity\\oauth2\\token",
         "/METADATA/identity/oauth2/token",
@@ -330,10 +331,7 @@ async fn backslash_and_case_variants_reach_the_checked_token_endpoint() {
 
 #[tokio::test]
 async fn unbound_unassigned_and_ambiguous_callers_get_identity_not_found() {
-    let h = harness(
-        vec![Scripted::Status(200, TOKEN_A, None)],
-        Config::default(),
-    );
+    let h = serving_token_a();
     let cases = [
         (UNBOUND, TOKEN_URI.to_owned()),
         (99, TOKEN_URI.to_owned()),
@@ -359,10 +357,7 @@ async fn unbound_unassigned_and_ambiguous_callers_get_identity_not_found() {
 
 #[tokio::test]
 async fn a_source_still_loading_answers_a_retryable_503_not_identity_not_found() {
-    let h = harness(
-        vec![Scripted::Status(200, TOKEN_A, None)],
-        Config::default(),
-    );
+    let h = serving_token_a();
     let (status, _, body) = h.call(NOT_READY, get(TOKEN_URI)).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
     assert!(body.contains("temporarily_unavailable"), "{body}");
@@ -500,9 +495,7 @@ async fn upstream_failures_pass_through_and_are_not_cached() {
     assert_eq!(h.upstream.calls(), 2);
 
     let down = harness(
-        vec![Scripted::Fail(upstream::TransportError::Connect(
-            "refused".into(),
-        ))],
+        vec![Scripted::Fail(TransportError::Connect("refused".into()))],
         Config::default(),
     );
     let (status, _, body) = down.call(BOUND_ONE, get(TOKEN_URI)).await;
@@ -514,10 +507,7 @@ async fn upstream_failures_pass_through_and_are_not_cached() {
 
 #[tokio::test]
 async fn purge_identity_forgets_cached_tokens() {
-    let h = harness(
-        vec![Scripted::Status(200, TOKEN_A, None)],
-        Config::default(),
-    );
+    let h = serving_token_a();
     h.call(BOUND_ONE, get(TOKEN_URI)).await;
     assert_eq!(h.service.purge_identity("CLIENT-A"), 1);
     h.call(BOUND_ONE, get(TOKEN_URI)).await;
@@ -526,10 +516,7 @@ async fn purge_identity_forgets_cached_tokens() {
 
 #[tokio::test]
 async fn binding_watch_drops_tokens_of_unbound_identities() {
-    let h = harness(
-        vec![Scripted::Status(200, TOKEN_A, None)],
-        Config::default(),
-    );
+    let h = serving_token_a();
     let (tx, rx) = tokio::sync::watch::channel(Arc::new(BTreeSet::from(["client-a".to_owned()])));
     let task = h.service.spawn_binding_watch(rx);
     h.call(BOUND_ONE, get(TOKEN_URI)).await;
@@ -614,10 +601,7 @@ impl<S: tracing::Subscriber> Layer<S> for Captured {
 async fn one_audit_event_per_token_decision() {
     let captured = Captured::default();
     let _guard = tracing::subscriber::set_default(Registry::default().with(captured.clone()));
-    let h = harness(
-        vec![Scripted::Status(200, TOKEN_A, None)],
-        Config::default(),
-    );
+    let h = serving_token_a();
     let probe = Request::get(TOKEN_URI).body(()).expect("request");
     h.call(BOUND_ONE, probe).await;
     h.call(BOUND_ONE, get(TOKEN_URI)).await;

@@ -1,0 +1,66 @@
+//! This node's pods by UID, from the pod reflector's store, waiting a bounded time for a pod the reflector has not
+//! delivered yet (a pod's first IMDS call can race its watch event).
+
+use std::{sync::Arc, time::Duration};
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::{ResourceExt, runtime::reflector::Store};
+use tokio::{sync::watch, time::Instant};
+
+/// Static pods run under their config hash, which the API server's mirror pod carries in this annotation.
+const MIRROR_ANNOTATION: &str = "kubernetes.io/config.mirror";
+
+/// The pod store and the signal that it changed.
+pub struct Pods {
+    pub store: Store<Pod>,
+    /// Bumped after every pod event has reached the store; requests waiting for a pod watch it.
+    pub events: watch::Sender<u64>,
+}
+
+impl Pods {
+    pub fn new(store: Store<Pod>) -> Self {
+        Pods {
+            store,
+            events: watch::channel(0).0,
+        }
+    }
+
+    /// Called after each pod event has been applied to the store.
+    pub fn changed(&self) {
+        self.events.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    fn lookup(&self, uid: &str) -> Option<Arc<Pod>> {
+        // A linear scan: a node runs at most a few hundred pods, and the read lock is held for microseconds.
+        self.store.find(|p| {
+            p.metadata
+                .uid
+                .as_deref()
+                .is_some_and(|u| u.eq_ignore_ascii_case(uid))
+                || p.annotations()
+                    .get(MIRROR_ANNOTATION)
+                    .is_some_and(|m| m.eq_ignore_ascii_case(uid))
+        })
+    }
+
+    /// The pod with this UID, waiting up to `wait` for the reflector to deliver it.
+    pub async fn find(&self, uid: &str, wait: Duration) -> Option<Arc<Pod>> {
+        // Subscribe before looking, so that an event landing between the look and the wait is not missed.
+        let mut events = self.events.subscribe();
+        if let Some(p) = self.lookup(uid) {
+            return Some(p);
+        }
+        let deadline = Instant::now() + wait;
+        loop {
+            match tokio::time::timeout_at(deadline, events.changed()).await {
+                Ok(Ok(())) => {
+                    if let Some(p) = self.lookup(uid) {
+                        return Some(p);
+                    }
+                }
+                // Timed out, or the source is shutting down.
+                _ => return None,
+            }
+        }
+    }
+}
