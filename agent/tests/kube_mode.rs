@@ -17,7 +17,7 @@ use nmi_agent::{
     },
     imds::SecretStore,
 };
-use nmi_agent_e2e::fake_apiserver::FakeApiServer;
+use nmi_testkit::fake_apiserver::FakeApiServer;
 use serde_json::{Value, json};
 
 const NODE: &str = "node-a";
