@@ -9,7 +9,12 @@ use hyper::{Response, StatusCode, header};
 use serde_json::{Value, json};
 use tokio::sync::{broadcast, watch};
 
-use super::{Shared, query::Filter, routes::status, store::Resource};
+use super::{
+    Shared,
+    query::Filter,
+    routes::status,
+    store::{Event, Resource},
+};
 use crate::http::Body;
 
 /// The watch parameters of one request.
@@ -38,14 +43,14 @@ impl Params {
 /// Where a new watch starts, decided under the store lock together with its subscriptions, so that every event
 /// reaches it exactly once: either in `backlog` or on `live`.
 struct Start {
-    /// Events before it goes live, already as lines.
+    /// Events before it goes live, as watch events.
     backlog: Vec<Value>,
     /// The resourceVersion it has delivered up to.
     last: u64,
     /// `Some((asked, oldest))`: the version it asked for is older than the history; it only gets a 410.
     expired: Option<(u64, u64)>,
     epoch: u64,
-    live: broadcast::Receiver<Arc<super::store::Event>>,
+    live: broadcast::Receiver<Arc<Event>>,
     epochs: watch::Receiver<u64>,
     /// (apiVersion, kind) for bookmarks.
     kind: (String, String),
