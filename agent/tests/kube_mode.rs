@@ -16,7 +16,7 @@ use nmi_agent::{
         kube::{KubeConfig, KubeSecrets, KubeSource, MAX_POD_WAIT},
     },
 };
-use nmi_agent_e2e::fake_apiserver::FakeApiServer;
+use nmi_testkit::fake_apiserver::FakeApiServer;
 use serde_json::{Value, json};
 
 const NODE: &str = "node-a";

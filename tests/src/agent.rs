@@ -1,15 +1,19 @@
 //! The real `nmi-agent` binary, run inside a topology: in the node namespace, in cgroup `intercepted/agent`.
 
+mod log;
+
 use std::fs::OpenOptions;
-use std::net::{IpAddr, SocketAddr, SocketAddrV4};
+use std::net::SocketAddrV4;
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use serde::Deserialize;
-use serde_json::Value;
+use nmi_testkit::wait::poll;
 
+pub use log::Audit;
+
+use crate::process;
 use crate::topology::{Pod, Topology};
 
 /// The agent's `--listen` port on the bridge address.
@@ -17,21 +21,6 @@ pub const LISTEN_PORT: u16 = 2579;
 /// The agent's `--health-listen` port on the node namespace's loopback (private to the topology).
 pub const HEALTH_PORT: u16 = 9464;
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// One audit record: the agent's account of one accepted connection.
-#[derive(Clone, Debug, Deserialize)]
-pub struct Audit {
-    /// The connection's remote end as the agent saw it: the caller's `local` address.
-    pub peer: SocketAddr,
-    /// `attested` or `refused`.
-    pub verdict: String,
-    /// For attested: cgroup path relative to the agent's `--cgroup` dir, with a leading slash (`/pod-a`).
-    pub cgroup: Option<String>,
-    pub cgroup_id: Option<u64>,
-    pub pid: Option<u32>,
-    /// For refused: why.
-    pub reason: Option<String>,
-}
 
 pub struct Agent {
     bin: PathBuf,
@@ -132,18 +121,11 @@ impl Agent {
         self.wait_ready(from);
     }
 
+    /// Waits until the log written after byte `from` says `serving`; panics if the agent exits or times out first.
     fn wait_ready(&mut self, from: usize) {
-        let deadline = Instant::now() + READY_TIMEOUT;
-        loop {
-            let text = self.log_text();
-            if text
-                .get(from..)
-                .unwrap_or("")
-                .lines()
-                .filter_map(parse_line)
-                .any(|v| v["message"] == "serving")
-            {
-                return;
+        let ready = poll(READY_TIMEOUT, Duration::from_millis(50), || {
+            if self.logged_since(from, "serving") {
+                return Some(());
             }
             if let Some(status) = self
                 .child
@@ -156,13 +138,13 @@ impl Agent {
                     self.describe()
                 );
             }
-            if Instant::now() > deadline {
-                panic!(
-                    "nmi-agent not ready after {READY_TIMEOUT:?}; {}",
-                    self.describe()
-                );
-            }
-            thread::sleep(Duration::from_millis(50));
+            None
+        });
+        if ready.is_none() {
+            panic!(
+                "nmi-agent not ready after {READY_TIMEOUT:?}; {}",
+                self.describe()
+            );
         }
     }
 
@@ -188,28 +170,9 @@ impl Agent {
     pub fn uninstall(&self) -> Output {
         let mut cmd = Command::new(&self.bin);
         cmd.args(["uninstall", "--pin-dir"]).arg(&self.pin_dir);
-        let out = cmd
-            .output()
-            .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
-        if !out.status.success() {
-            panic!(
-                "{cmd:?} failed ({}):\n{}{}",
-                out.status,
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        out
+        process::run_ok(&mut cmd)
     }
 
-    fn log_text(&self) -> String {
-        std::fs::read(&self.log_path)
-            .map(|b| String::from_utf8_lossy(&b).into_owned())
-            .unwrap_or_default()
-    }
-
-    /// Every JSON line of the log so far, with tracing's `fields` object merged into the top level (so the
-    /// contract's top-level fields are found whether or not the subscriber flattens events).
     /// `GET /readyz` on the health port, from inside the node namespace: (status code, body).
     pub fn readyz(&self) -> (u16, String) {
         self.health_get("/readyz")
@@ -253,96 +216,6 @@ impl Agent {
             (status, body)
         })
     }
-
-    pub fn logs(&self) -> Vec<Value> {
-        self.log_text().lines().filter_map(parse_line).collect()
-    }
-
-    /// All audit records so far. A line that claims to be an audit record but does not fit the contract panics:
-    /// that is a contract violation, not noise.
-    pub fn audits(&self) -> Vec<Audit> {
-        self.logs()
-            .into_iter()
-            .filter(|v| v["target"] == "audit" && v["event"] == "connection")
-            .map(|v| {
-                let mut a: Audit = serde_json::from_value(v.clone())
-                    .unwrap_or_else(|e| panic!("audit line {v} breaks the contract: {e}"));
-                // An agent listening dual-stack would report v4 peers as v4-mapped v6; callers compare with v4.
-                if let SocketAddr::V6(v6) = a.peer {
-                    let ip = v6
-                        .ip()
-                        .to_ipv4_mapped()
-                        .map_or(IpAddr::V6(*v6.ip()), IpAddr::V4);
-                    a.peer = SocketAddr::new(ip, v6.port());
-                }
-                a
-            })
-            .collect()
-    }
-
-    /// Every token-decision audit record so far (`target: audit`, `event: token`), as logged.
-    pub fn token_audits(&self) -> Vec<Value> {
-        self.logs()
-            .into_iter()
-            .filter(|v| v["target"] == "audit" && v["event"] == "token")
-            .collect()
-    }
-
-    /// Waits until at least `n` audit records exist (the agent may log after the caller already saw EOF) and returns
-    /// them all; returns what there is after `timeout`.
-    pub fn wait_audits(&self, n: usize, timeout: Duration) -> Vec<Audit> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let all = self.audits();
-            if all.len() >= n || Instant::now() > deadline {
-                return all;
-            }
-            thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// The audit record of the connection whose caller-side address was `local`; panics with the log tail if none
-    /// appears within 5 s.
-    pub fn audit_for(&self, local: SocketAddr) -> Audit {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            if let Some(a) = self.audits().into_iter().find(|a| a.peer == local) {
-                return a;
-            }
-            if Instant::now() > deadline {
-                panic!("no audit record with peer {local}; {}", self.describe());
-            }
-            thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// The last `n` lines of the log.
-    pub fn log_tail(&self, n: usize) -> String {
-        let text = self.log_text();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(n)..].join("\n")
-    }
-
-    /// Log location and tail, for failure messages.
-    pub fn describe(&self) -> String {
-        format!(
-            "agent log {}, last lines:\n{}",
-            self.log_path.display(),
-            self.log_tail(40)
-        )
-    }
-}
-
-/// A JSON log line with `fields` flattened into the top level; None for non-JSON lines (panic messages, etc.).
-fn parse_line(line: &str) -> Option<Value> {
-    let mut v: Value = serde_json::from_str(line.trim()).ok()?;
-    let obj = v.as_object_mut()?;
-    if let Some(Value::Object(fields)) = obj.remove("fields") {
-        for (k, val) in fields {
-            obj.entry(k).or_insert(val);
-        }
-    }
-    Some(v)
 }
 
 impl Drop for Agent {
@@ -351,35 +224,5 @@ impl Drop for Agent {
         if thread::panicking() {
             eprintln!("--- {}\n---", self.describe());
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parse_line_flattens_tracing_fields() {
-        let v = parse_line(
-            r#"{"timestamp":"t","level":"INFO","fields":{"message":"ready"},"target":"nmi_agent"}"#,
-        )
-        .expect("json");
-        assert_eq!(v["message"], "ready");
-        assert_eq!(v["target"], "nmi_agent");
-        assert!(parse_line("thread 'main' panicked at src/main.rs").is_none());
-    }
-
-    #[test]
-    fn audit_fits_contract() {
-        let v = parse_line(
-            r#"{"target":"audit","event":"connection","peer":"10.213.0.2:40000","verdict":"attested","cgroup":"/pod-a","cgroup_id":42,"pid":7}"#,
-        )
-        .expect("json");
-        let a: Audit = serde_json::from_value(v).expect("audit");
-        assert_eq!(a.peer, "10.213.0.2:40000".parse().unwrap());
-        assert_eq!(
-            (a.cgroup.as_deref(), a.cgroup_id, a.pid),
-            (Some("/pod-a"), Some(42), Some(7))
-        );
     }
 }

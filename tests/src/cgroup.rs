@@ -4,20 +4,21 @@ use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
-use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use crate::mountinfo;
+use nmi_agent::attest::cgroupfs::cgroup2_mount_in;
+use nmi_testkit::wait::poll;
+use rustix::process::{Pid, Signal, kill_process};
 
 /// Where cgroup v2 is mounted. Hybrid hosts (this project's machines) have it at `/sys/fs/cgroup/unified`, AKS
-/// nodes at `/sys/fs/cgroup`, so it is read from mountinfo rather than assumed.
+/// nodes at `/sys/fs/cgroup`, so it is read from mountinfo rather than assumed, by the agent's own parser: the
+/// harness and the agent must agree on it.
 pub fn root() -> &'static Path {
     static ROOT: OnceLock<PathBuf> = OnceLock::new();
     ROOT.get_or_init(|| {
-        mountinfo::mount_points("cgroup2")
-            .into_iter()
-            .next()
-            .expect("no cgroup2 mount in /proc/self/mountinfo")
+        let mountinfo = fs::read_to_string("/proc/self/mountinfo")
+            .unwrap_or_else(|e| panic!("read /proc/self/mountinfo: {e}"));
+        cgroup2_mount_in(&mountinfo).expect("no cgroup2 mount in /proc/self/mountinfo")
     })
 }
 
@@ -67,29 +68,30 @@ fn procs(dir: &Path) -> Vec<i32> {
 /// directories can be removed. `cgroup.kill` (5.14+) is atomic against forks; older kernels get a SIGKILL per pid,
 /// repeated until nothing is left.
 pub fn kill_all(dir: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(10);
     let kill_file = dir.join("cgroup.kill");
     let have_kill = kill_file.exists();
     if have_kill {
         let _ = fs::write(&kill_file, "1");
     }
-    while populated(dir) {
+    let emptied = poll(Duration::from_secs(10), Duration::from_millis(20), || {
+        if !populated(dir) {
+            return Some(());
+        }
         if !have_kill {
-            for sub in subtree(dir) {
-                for pid in procs(&sub) {
-                    // SAFETY: kill has no memory-safety preconditions; a stale pid only yields ESRCH.
-                    unsafe { libc::kill(pid, libc::SIGKILL) };
+            for pid in subtree(dir).iter().flat_map(|sub| procs(sub)) {
+                // A pid that is gone by now only yields ESRCH.
+                if let Some(pid) = Pid::from_raw(pid) {
+                    let _ = kill_process(pid, Signal::KILL);
                 }
             }
         }
-        if Instant::now() > deadline {
-            eprintln!(
-                "warning: {} still populated after SIGKILL; leaving it",
-                dir.display()
-            );
-            return;
-        }
-        thread::sleep(Duration::from_millis(20));
+        None
+    });
+    if emptied.is_none() {
+        eprintln!(
+            "warning: {} still populated after SIGKILL; leaving it",
+            dir.display()
+        );
     }
 }
 
@@ -127,17 +129,22 @@ pub fn remove_tree(dir: &Path) {
     }
     kill_all(dir);
     for sub in subtree(dir).iter().rev() {
-        let deadline = Instant::now() + Duration::from_secs(5);
         // rmdir can briefly fail with EBUSY while the last killed task is being released.
-        while let Err(e) = fs::remove_dir(sub) {
-            if e.kind() == std::io::ErrorKind::NotFound {
-                break;
-            }
-            if Instant::now() > deadline {
-                eprintln!("warning: rmdir {}: {e}", sub.display());
-                break;
-            }
-            thread::sleep(Duration::from_millis(20));
+        let mut last_error = None;
+        let removed =
+            poll(
+                Duration::from_secs(5),
+                Duration::from_millis(20),
+                || match fs::remove_dir(sub) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                        last_error = Some(e);
+                        None
+                    }
+                    _ => Some(()),
+                },
+            );
+        if let (None, Some(e)) = (removed, last_error) {
+            eprintln!("warning: rmdir {}: {e}", sub.display());
         }
     }
 }

@@ -3,12 +3,11 @@
 //! Every resource is named `nmie2e-<pid>-<k>[-suffix]` (pid of the test process, k a per-process counter), so a
 //! leftover can be told apart from a live run's by whether its pid is still alive.
 
-use std::ffi::CString;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::Once;
 
-use crate::{cgroup, mountinfo, netns};
+use crate::{cgroup, netns};
 
 pub const PREFIX: &str = "nmie2e-";
 pub const BPFFS: &str = "/sys/fs/bpf";
@@ -77,31 +76,9 @@ pub fn prepare_once() {
     });
 }
 
+/// Mounts bpffs at [`BPFFS`] unless one is there, exactly as the agent would.
 fn mount_bpffs() {
-    let mounted = mountinfo::mount_points("bpf")
-        .iter()
-        .any(|p| p == Path::new(BPFFS));
-    if mounted {
-        return;
-    }
-    let c = |s: &str| CString::new(s).expect("no NUL");
-    let (src, target, fstype) = (c("bpf"), c(BPFFS), c("bpf"));
-    // SAFETY: all pointers are valid NUL-terminated strings that outlive the call; data may be null.
-    let rc = unsafe {
-        libc::mount(
-            src.as_ptr(),
-            target.as_ptr(),
-            fstype.as_ptr(),
-            0,
-            std::ptr::null(),
-        )
-    };
-    if rc != 0 {
-        panic!(
-            "mount -t bpf bpf {BPFFS}: {}",
-            std::io::Error::last_os_error()
-        );
-    }
+    nmi_agent::datapath::ensure_bpffs(Path::new(BPFFS)).unwrap_or_else(|e| panic!("{e}"));
 }
 
 /// The pid in a resource name `nmie2e-<pid>-...`, if it is one of ours.
@@ -151,14 +128,4 @@ fn remove_stale_where(stale_pid: impl Fn(u32) -> bool) {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn owner_pid_parses_only_our_names() {
-        assert_eq!(owner_pid("nmie2e-1234-0"), Some(1234));
-        assert_eq!(owner_pid("nmie2e-1234-3-pod-a"), Some(1234));
-        assert_eq!(owner_pid("nmie2e-x-3"), None);
-        assert_eq!(owner_pid("cni-1234-0"), None);
-    }
-}
+mod tests;

@@ -8,15 +8,15 @@
 //!
 //! Harness functions panic on failure (with the command and its stderr) instead of returning errors: the tests
 //! that call them want a stack trace, and there is nothing a test could do to recover.
+//!
+//! The in-process fakes live in `nmi-testkit` (the agent's own tests use them too); [`imds_emulator`],
+//! [`fake_apiserver`] and [`wait`] are re-exported here, and [`node`] runs them inside a topology.
 
 pub mod agent;
 pub mod bindings;
 pub mod cgroup;
 pub mod cleanup;
 pub mod clients;
-pub mod fake_apiserver;
-pub mod imds_emulator;
-pub mod mountinfo;
 pub mod netns;
 pub mod node;
 pub mod probe;
@@ -27,6 +27,7 @@ pub mod trap;
 use std::io::Write;
 
 pub use agent::{Agent, Audit};
+pub use nmi_testkit::{fake_apiserver, imds_emulator, wait};
 pub use probe::Attempt;
 pub use topology::{Pod, Topology};
 
@@ -38,8 +39,7 @@ pub fn is_ci() -> bool {
 /// True when the tests may run. They need root (cgroups, network namespaces, BPF); a developer without root gets a
 /// loud skip, but CI must never report a green run that tested nothing, so there the same condition panics.
 pub fn require_root(test: &str) -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    if unsafe { libc::geteuid() } == 0 {
+    if rustix::process::geteuid().is_root() {
         return true;
     }
     if is_ci() {

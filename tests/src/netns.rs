@@ -1,10 +1,12 @@
 //! Named network namespaces (`ip netns`), and running code or processes inside one.
 
 use std::fs::File;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
 use std::process::Command;
 use std::thread;
+
+use rustix::thread::{LinkNameSpaceType, move_into_link_name_space};
 
 use crate::process;
 
@@ -57,10 +59,9 @@ impl Netns {
         let fd = self.open();
         thread::scope(|s| {
             s.spawn(move || {
-                // SAFETY: fd is a valid namespace fd; setns only changes this short-lived thread's namespace.
-                if unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                    panic!("setns {}: {}", self.name, std::io::Error::last_os_error());
-                }
+                // setns changes only this short-lived thread's namespace.
+                move_into_link_name_space(fd.as_fd(), Some(LinkNameSpaceType::Network))
+                    .unwrap_or_else(|e| panic!("setns {}: {e}", self.name));
                 f()
             })
             .join()

@@ -1,9 +1,12 @@
-//! Starting processes inside a cgroup and a network namespace.
+//! Starting processes inside a cgroup and a network namespace, and running a command that must succeed.
 
 use std::fs::OpenOptions;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::io::{self, Write};
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::process::CommandExt;
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
+
+use rustix::thread::{LinkNameSpaceType, move_into_link_name_space};
 
 use crate::cgroup::Cgroup;
 use crate::netns::Netns;
@@ -28,37 +31,63 @@ pub fn place(cmd: &mut Command, cgroup: Option<&Cgroup>, netns: Option<&Netns>) 
             .into()
     });
     let ns: Option<OwnedFd> = netns.map(Netns::open);
-    // SAFETY: the hook makes only async-signal-safe syscalls on fds it owns.
+    // SAFETY: pre_exec runs the hook between fork and exec, where only async-signal-safe work is allowed: the hook
+    // makes two raw syscalls through rustix on fds it owns, and builds its errors without allocating.
     unsafe {
         cmd.pre_exec(move || {
-            let check = |ok: bool| match ok {
-                true => Ok(()),
-                false => Err(std::io::Error::last_os_error()),
-            };
             if let Some(fd) = &procs {
                 // "0" means "the writing process".
-                check(libc::write(fd.as_raw_fd(), b"0".as_ptr().cast(), 1) == 1)?;
+                if rustix::io::write(fd, b"0")? != 1 {
+                    return Err(io::ErrorKind::WriteZero.into());
+                }
             }
             if let Some(fd) = &ns {
-                check(libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) == 0)?;
+                move_into_link_name_space(fd.as_fd(), Some(LinkNameSpaceType::Network))?;
             }
             Ok(())
         });
     }
 }
 
-/// Runs `cmd` to completion; panics with its stderr unless it exits 0.
+/// Runs `cmd` to completion; panics with its output unless it exits 0.
 pub fn run_ok(cmd: &mut Command) -> Output {
     let out = cmd
         .output()
         .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
-    if !out.status.success() {
-        panic!(
-            "{cmd:?} failed ({}):\nstdout: {}\nstderr: {}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout).trim(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
+    check(cmd, &out, None);
     out
+}
+
+/// [`run_ok`] with `input` on the command's stdin.
+pub fn run_ok_with_stdin(cmd: &mut Command, input: &str) -> Output {
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(input.as_bytes())
+        .unwrap_or_else(|e| panic!("write to the stdin of {cmd:?}: {e}"));
+    let out = child
+        .wait_with_output()
+        .unwrap_or_else(|e| panic!("wait for {cmd:?}: {e}"));
+    check(cmd, &out, Some(input));
+    out
+}
+
+fn check(cmd: &Command, out: &Output, input: Option<&str>) {
+    if out.status.success() {
+        return;
+    }
+    let input = input.map_or(String::new(), |i| format!("\ninput:\n{i}"));
+    panic!(
+        "{cmd:?} failed ({}):\nstdout: {}\nstderr: {}{input}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout).trim(),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
 }

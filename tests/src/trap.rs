@@ -7,7 +7,9 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use nmi_testkit::wait::poll;
 
 use crate::netns::Netns;
 use crate::process;
@@ -45,7 +47,7 @@ impl Trap {
         );
         let mut cmd = node.command("nft");
         cmd.args(["-f", "-"]);
-        run_with_stdin(&mut cmd, &ruleset);
+        process::run_ok_with_stdin(&mut cmd, &ruleset);
         Trap { node: node.clone() }
     }
 
@@ -59,14 +61,10 @@ impl Trap {
     /// Waits up to `timeout` for the counter to exceed `than` (packets sent by another process may still be in
     /// flight when it exits) and returns the last value read.
     pub fn wait_above(&self, than: u64, timeout: Duration) -> u64 {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let n = self.packets();
-            if n > than || Instant::now() > deadline {
-                return n;
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
+        poll(timeout, Duration::from_millis(20), || {
+            Some(self.packets()).filter(|n| *n > than)
+        })
+        .unwrap_or_else(|| self.packets())
     }
 
     /// A TCP listener on 169.254.169.254:`port` in the node namespace, owned by the test process.
@@ -81,29 +79,6 @@ fn parse_packets(json: &[u8]) -> u64 {
         .as_array()
         .and_then(|items| items.iter().find_map(|i| i["counter"]["packets"].as_u64()))
         .unwrap_or_else(|| panic!("no counter in nft output: {v}"))
-}
-
-fn run_with_stdin(cmd: &mut std::process::Command, input: &str) {
-    use std::process::Stdio;
-    let mut child = cmd
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(input.as_bytes())
-        .expect("write stdin");
-    let out = child.wait_with_output().expect("wait");
-    if !out.status.success() {
-        panic!(
-            "{cmd:?} failed: {}\ninput:\n{input}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
 }
 
 /// A TCP listener that records who connected and answers any request with [`TRAP_STATUS`].
@@ -178,12 +153,4 @@ impl Drop for TrapListener {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_nft_counter_json() {
-        let json = br#"{"nftables": [{"metainfo": {"version": "1.0.6", "json_schema_version": 1}}, {"counter": {"family": "ip", "name": "trap", "table": "nmie2e", "handle": 2, "packets": 7, "bytes": 420}}]}"#;
-        assert_eq!(parse_packets(json), 7);
-    }
-}
+mod tests;

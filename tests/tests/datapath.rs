@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use nmi_agent_e2e::probe::Background;
 use nmi_agent_e2e::trap::{IMDS, TRAP_STATUS};
+use nmi_agent_e2e::wait::wait_until;
 use nmi_agent_e2e::{Agent, Attempt, Audit, Pod, Topology, require_root};
 
 /// Audit records can trail the caller's EOF; a packet can still be in flight when the probe exits.
@@ -74,15 +75,8 @@ fn assert_attested(agent: &Agent, pod: &Pod, a: &Attempt) -> Audit {
 }
 
 /// Polls `cond` for up to 10 s; panics naming `what` if it never holds.
-fn wait_for(mut cond: impl FnMut() -> bool, what: &str) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !cond() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "timed out waiting until {what}"
-        );
-        thread::sleep(Duration::from_millis(50));
-    }
+fn wait_for(cond: impl FnMut() -> bool, what: &str) {
+    wait_until(Duration::from_secs(10), what, cond);
 }
 
 #[test]

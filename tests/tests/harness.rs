@@ -11,7 +11,7 @@ use std::time::Duration;
 use nmi_agent_e2e::cgroup::{self, Cgroup};
 use nmi_agent_e2e::netns::{self, Netns};
 use nmi_agent_e2e::trap::{IMDS, TRAP_STATUS, TrapListener};
-use nmi_agent_e2e::{Topology, cleanup, process, require_root};
+use nmi_agent_e2e::{Topology, cleanup, process, require_root, wait};
 
 fn ino(path: &std::path::Path) -> u64 {
     std::fs::metadata(path)
@@ -161,13 +161,6 @@ fn leftovers_of_a_dead_run_are_removed_and_live_runs_kept() {
     assert!(live_kept, "a live run's resources were removed");
 }
 
-fn wait_until(mut cond: impl FnMut() -> bool, what: &str) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while !cond() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "timed out waiting: {what}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+fn wait_until(cond: impl FnMut() -> bool, what: &str) {
+    wait::wait_until(Duration::from_secs(5), what, cond);
 }

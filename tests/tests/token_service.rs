@@ -19,6 +19,7 @@ use nmi_agent_e2e::clients::{ClientOutput, python_token, rust_token};
 use nmi_agent_e2e::imds_emulator::{EmulatedIdentity, Fault};
 use nmi_agent_e2e::node::{NodeApiServer, NodeEmulator};
 use nmi_agent_e2e::trap::IMDS;
+use nmi_agent_e2e::wait::poll;
 use nmi_agent_e2e::{Agent, Attempt, Pod, Topology, require_root};
 use serde_json::{Value, json};
 
@@ -127,12 +128,10 @@ fn python_sdk_in_each_pod_gets_the_token_of_its_own_identity_and_unbound_gets_no
         return;
     };
     // With IMDS (the emulator) reachable and the bindings loaded, /readyz turns 200 within its first check.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let mut ready = w.agent.readyz();
-    while ready.0 != 200 && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(100));
-        ready = w.agent.readyz();
-    }
+    let ready = poll(Duration::from_secs(5), Duration::from_millis(100), || {
+        Some(w.agent.readyz()).filter(|r| r.0 == 200)
+    })
+    .unwrap_or_else(|| w.agent.readyz());
     assert_eq!(ready.0, 200, "/readyz with everything in place: {ready:?}");
 
     let unbound = w.topo.add_pod("pod-c");

@@ -1,6 +1,6 @@
 //! `cargo xtask demo`: builds what the demo needs (eBPF object, `nmi-agent`, `nmi-demo`, `imds-emulator`), makes
 //! sure of the host tools and the Python venv with the unchanged Azure SDK clients, then becomes `nmi-demo`
-//! (tests/src/bin/nmi-demo.rs), which runs the Key Vault scenario and exits non-zero when it does not go as expected.
+//! (tests/src/bin/nmi-demo/), which runs the Key Vault scenario and exits non-zero when it does not go as expected.
 
 use std::{os::unix::process::CommandExt, path::Path, process::Command};
 

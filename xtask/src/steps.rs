@@ -53,8 +53,8 @@ pub fn test(root: &Path, quick: bool) -> Result<()> {
                 .current_dir(root),
             "a unit test failed; its name and assertion are above",
         )?;
-        // The harness's own pure tests (emulators, parsers, the fake API server) need no root: run them here too,
-        // so they also run where the end-to-end step is skipped.
+        // The harness's own pure tests (parsers, the test binaries' command lines) need no root: run them here too,
+        // so they also run where the end-to-end step is skipped. The fakes' tests (nmi-testkit) ran just above.
         cmd::run(
             cmd::cargo()
                 .args(["test", "--package", "nmi-agent-e2e", "--lib", "--bins"])

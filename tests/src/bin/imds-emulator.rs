@@ -1,63 +1,45 @@
 //! `imds-emulator --listen IP:PORT --identity CLIENT_ID[=name]... [--system-identity CLIENT_ID[=name]]
-//! [--token-lifetime-secs N]`: serves the Azure IMDS emulator (see `nmi_agent_e2e::imds_emulator`) until SIGINT or
+//! [--token-lifetime-secs N]`: serves the Azure IMDS emulator (see `nmi_testkit::imds_emulator`) until SIGINT or
 //! SIGTERM. Prints `ready` on stdout once it listens (the address goes to stderr).
 
 use std::{net::SocketAddr, process::ExitCode, time::Duration};
 
-use nmi_agent_e2e::imds_emulator::{EmulatedIdentity, Emulator, EmulatorConfig};
+use clap::Parser;
+use nmi_testkit::imds_emulator::{EmulatedIdentity, Emulator, EmulatorConfig};
 use tokio::signal::unix::{SignalKind, signal};
 
-const USAGE: &str = "usage: imds-emulator --listen IP:PORT --identity CLIENT_ID[=name]... \
-[--system-identity CLIENT_ID[=name]] [--token-lifetime-secs N]";
+/// Serves an Azure IMDS emulator until SIGINT or SIGTERM; prints `ready` once it listens.
+#[derive(Debug, Parser)]
+#[command(name = "imds-emulator")]
+struct Cli {
+    /// Where to listen (port 0 picks one).
+    #[arg(long, value_name = "IP:PORT")]
+    listen: SocketAddr,
+    /// A user-assigned identity of the emulated VM; the name defaults to the client id. Repeatable.
+    #[arg(long = "identity", value_name = "CLIENT_ID[=name]", value_parser = EmulatedIdentity::parse)]
+    identities: Vec<EmulatedIdentity>,
+    /// The system-assigned identity, served when a request names none.
+    #[arg(long, value_name = "CLIENT_ID[=name]", value_parser = EmulatedIdentity::parse)]
+    system_identity: Option<EmulatedIdentity>,
+    /// `expires_in` of issued tokens.
+    #[arg(long, value_name = "N", default_value_t = 86_400)]
+    token_lifetime_secs: u64,
+}
 
-fn parse(args: impl Iterator<Item = String>) -> Result<EmulatorConfig, String> {
-    let mut config = EmulatorConfig::new(Vec::new());
-    let mut listen = None;
-    let mut args = args.peekable();
-    while let Some(flag) = args.next() {
-        let mut value = |name: &str| args.next().ok_or_else(|| format!("{name} needs a value"));
-        match flag.as_str() {
-            "--listen" => {
-                let v = value("--listen")?;
-                listen = Some(
-                    v.parse::<SocketAddr>()
-                        .map_err(|e| format!("--listen {v}: {e}"))?,
-                );
-            }
-            "--identity" => config
-                .identities
-                .push(EmulatedIdentity::parse(&value("--identity")?)?),
-            "--system-identity" => {
-                config.system_identity =
-                    Some(EmulatedIdentity::parse(&value("--system-identity")?)?)
-            }
-            "--token-lifetime-secs" => {
-                let v = value("--token-lifetime-secs")?;
-                let secs: u64 = v
-                    .parse()
-                    .map_err(|e| format!("--token-lifetime-secs {v}: {e}"))?;
-                config.token_lifetime = Duration::from_secs(secs);
-            }
-            "-h" | "--help" => return Err(String::new()),
-            other => return Err(format!("unknown argument `{other}`")),
+impl Cli {
+    fn config(self) -> EmulatorConfig {
+        EmulatorConfig {
+            listen: self.listen,
+            system_identity: self.system_identity,
+            token_lifetime: Duration::from_secs(self.token_lifetime_secs),
+            ..EmulatorConfig::new(self.identities)
         }
     }
-    config.listen = listen.ok_or("--listen is required")?;
-    Ok(config)
 }
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
-    let config = match parse(std::env::args().skip(1)) {
-        Ok(config) => config,
-        Err(message) => {
-            if !message.is_empty() {
-                eprintln!("imds-emulator: {message}");
-            }
-            eprintln!("{USAGE}");
-            return ExitCode::from(2);
-        }
-    };
+    let config = Cli::parse().config();
     let (mut term, mut int) = match (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
@@ -93,19 +75,16 @@ async fn main() -> ExitCode {
 mod tests {
     use super::*;
 
-    fn args(s: &str) -> impl Iterator<Item = String> {
-        s.split_whitespace()
-            .map(str::to_owned)
-            .collect::<Vec<_>>()
-            .into_iter()
+    fn parse(s: &str) -> Result<EmulatorConfig, clap::Error> {
+        Cli::try_parse_from(std::iter::once("imds-emulator").chain(s.split_whitespace()))
+            .map(Cli::config)
     }
 
     #[test]
-    fn parses_the_command_line() {
-        let c = parse(args(
-            "--listen 10.0.0.1:8080 --identity a=one --identity b --token-lifetime-secs 60",
-        ))
-        .expect("valid");
+    fn the_command_line_names_address_identities_and_token_lifetime() {
+        let c =
+            parse("--listen 10.0.0.1:8080 --identity a=one --identity b --token-lifetime-secs 60")
+                .expect("valid");
         assert_eq!(
             c.listen,
             "10.0.0.1:8080".parse::<SocketAddr>().expect("addr")
@@ -119,17 +98,22 @@ mod tests {
         );
         assert_eq!(c.token_lifetime, Duration::from_secs(60));
         assert_eq!(c.system_identity, None);
-        let c = parse(args("--listen [::1]:0 --system-identity s")).expect("valid");
+        let c = parse("--listen [::1]:0 --system-identity s").expect("valid");
         assert_eq!(c.system_identity, Some(EmulatedIdentity::new("s", "s")));
+    }
+
+    #[test]
+    fn a_command_line_without_an_address_or_with_a_bad_value_is_refused() {
         for bad in [
             "",
             "--identity a",
             "--listen nope",
             "--listen 1.2.3.4:5 --bogus",
             "--listen 1.2.3.4:5 --identity",
+            "--listen 1.2.3.4:5 --identity =x",
             "--listen 1.2.3.4:5 --token-lifetime-secs x",
         ] {
-            assert!(parse(args(bad)).is_err(), "{bad}");
+            assert!(parse(bad).is_err(), "{bad}");
         }
     }
 }

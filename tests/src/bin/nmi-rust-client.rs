@@ -8,14 +8,23 @@ use std::time::Instant;
 
 use azure_core::credentials::TokenCredential;
 use azure_identity::{ManagedIdentityCredential, ManagedIdentityCredentialOptions, UserAssignedId};
+use clap::Parser;
 use serde_json::json;
 
 const SCOPE: &str = "https://vault.azure.net/.default";
 
+/// Gets a Key Vault token with `ManagedIdentityCredential` and prints the outcome as one JSON line.
+#[derive(Parser)]
+#[command(name = "nmi-rust-client")]
+struct Cli {
+    /// The user-assigned identity to ask for; none (or empty) asks for the default one.
+    client_id: Option<String>,
+}
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
-    let options = std::env::args()
-        .nth(1)
+    let options = Cli::parse()
+        .client_id
         .filter(|id| !id.is_empty())
         .map(|id| ManagedIdentityCredentialOptions {
             user_assigned_id: Some(UserAssignedId::ClientId(id)),

@@ -661,7 +661,7 @@ async fn one_audit_event_per_token_decision() {
 /// faults, pass-through, forwarding, and IMDS going away.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn against_the_imds_emulator() {
-    use nmi_agent_e2e::imds_emulator::{
+    use nmi_testkit::imds_emulator::{
         EmulatedIdentity, Emulator, EmulatorConfig, Fault, jwt_claims,
     };
 

@@ -1,0 +1,142 @@
+//! nmi-probe: makes network attempts from wherever it was started (a pod's cgroup and network namespace) and
+//! prints one JSON object per attempt on stdout (see `nmi_agent_e2e::probe::Attempt`).
+//!
+//! ```text
+//! nmi-probe http [--count N] [--concurrency C] [--addr A] [--duration-ms D] [--interval-ms I] [--timeout-ms T]
+//!                [--until-stdin-eof]
+//! nmi-probe connect [--addr A] [--timeout-ms T]
+//! nmi-probe bind --addr A                            a TCP listener bound to A
+//! nmi-probe udp [--addr A] [--connect]
+//! nmi-probe v6mapped [--port P] [--timeout-ms T]     TCP over an IPv6 socket to [::ffff:169.254.169.254]:P
+//! nmi-probe raw [--addr IP:PORT] [--hdrincl]          one UDP datagram through a SOCK_RAW socket
+//! nmi-probe whoami                                    pid, cgroup and network namespace of the probe
+//! ```
+//! `--addr` defaults to 169.254.169.254:80. `http` runs until N attempts were made, or, with `--duration-ms`, until
+//! that time has passed, or, with `--until-stdin-eof`, until its stdin is closed (N = 0 means no count limit; the
+//! last form lets a test stop a background loop cleanly at a moment it chooses). Exit status is 0 whatever the
+//! attempts' outcome; only bad arguments fail, because the outcome is the measurement.
+
+mod datagram;
+mod report;
+mod tcp;
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::os::unix::fs::MetadataExt;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use nmi_agent_e2e::probe::Whoami;
+
+use report::emit;
+
+const IMDS: &str = "169.254.169.254:80";
+
+/// Makes network attempts from where it runs and prints one JSON object per attempt.
+#[derive(Parser)]
+#[command(name = "nmi-probe")]
+struct Cli {
+    #[command(subcommand)]
+    mode: Mode,
+}
+
+#[derive(Subcommand)]
+enum Mode {
+    /// Token requests over HTTP (`Connection: close`), each read to EOF.
+    Http(tcp::HttpArgs),
+    /// One TCP connect.
+    Connect {
+        #[command(flatten)]
+        to: To,
+        #[command(flatten)]
+        timeout: Timeout,
+    },
+    /// A TCP listener bound to the address.
+    Bind {
+        #[command(flatten)]
+        to: To,
+    },
+    /// One UDP datagram.
+    Udp {
+        #[command(flatten)]
+        to: To,
+        /// connect(2) the socket first, then send (else sendto).
+        #[arg(long)]
+        connect: bool,
+    },
+    /// TCP over an IPv6 socket to [::ffff:169.254.169.254]:PORT.
+    V6mapped {
+        #[arg(long, default_value_t = 80)]
+        port: u16,
+        #[command(flatten)]
+        timeout: Timeout,
+    },
+    /// One UDP datagram through a SOCK_RAW socket.
+    Raw {
+        #[command(flatten)]
+        to: To,
+        /// IPPROTO_RAW with an IP header we build, instead of IPPROTO_UDP.
+        #[arg(long)]
+        hdrincl: bool,
+    },
+    /// The pid, cgroup and network namespace of the probe.
+    Whoami,
+}
+
+/// Where an attempt is aimed.
+#[derive(Args)]
+struct To {
+    #[arg(long, default_value = IMDS)]
+    addr: SocketAddr,
+}
+
+/// How long one attempt may take.
+#[derive(Args)]
+struct Timeout {
+    #[arg(long = "timeout-ms", value_name = "MS", default_value_t = 5000)]
+    timeout_ms: u64,
+}
+
+impl Timeout {
+    fn get(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms)
+    }
+}
+
+fn main() {
+    match Cli::parse().mode {
+        Mode::Http(args) => tcp::http(&args),
+        Mode::Connect { to, timeout } => emit(&tcp::connect("connect", to.addr, timeout.get())),
+        Mode::Bind { to } => emit(&tcp::bind(to.addr)),
+        Mode::V6mapped { port, timeout } => {
+            let addr = SocketAddr::new(
+                Ipv4Addr::new(169, 254, 169, 254).to_ipv6_mapped().into(),
+                port,
+            );
+            emit(&tcp::connect("v6mapped", addr, timeout.get()))
+        }
+        Mode::Udp { to, connect } => emit(&datagram::udp(to.addr, connect)),
+        Mode::Raw { to, hdrincl } => emit(&datagram::raw(to.addr, hdrincl)),
+        Mode::Whoami => println!("{}", serde_json::to_string(&whoami()).expect("serialize")),
+    }
+}
+
+fn whoami() -> Whoami {
+    let cgroup = std::fs::read_to_string("/proc/self/cgroup")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("0::").map(str::to_string))
+        })
+        .unwrap_or_default();
+    let netns_inode = std::fs::metadata("/proc/self/ns/net")
+        .map(|m| m.ino())
+        .unwrap_or(0);
+    Whoami {
+        pid: std::process::id(),
+        cgroup,
+        netns_inode,
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,137 @@
+//! TCP attempts: token requests over HTTP (one, or a concurrent loop), a bare connect, and a bind.
+
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use nmi_agent_e2e::probe::Attempt;
+
+use crate::report::{emit, timed};
+use crate::{Timeout, To};
+
+const REQUEST: &[u8] = b"GET /metadata/identity/oauth2/token?api-version=2018-02-01&resource=https://vault.azure.net HTTP/1.1\r\n\
+Host: 169.254.169.254\r\nMetadata: true\r\nConnection: close\r\n\r\n";
+
+#[derive(Args)]
+pub struct HttpArgs {
+    #[command(flatten)]
+    to: To,
+    /// Attempts to make in all (0: no limit).
+    #[arg(long, default_value_t = 1)]
+    count: usize,
+    /// Attempts in flight at once.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
+    concurrency: u16,
+    /// Stop starting attempts after this long.
+    #[arg(long = "duration-ms", value_name = "MS")]
+    duration_ms: Option<u64>,
+    /// Pause between one thread's attempts.
+    #[arg(long = "interval-ms", value_name = "MS", default_value_t = 0)]
+    interval_ms: u64,
+    #[command(flatten)]
+    timeout: Timeout,
+    /// Stop starting attempts once stdin is closed.
+    #[arg(long)]
+    until_stdin_eof: bool,
+}
+
+/// Runs attempts on `concurrency` threads until the count, the duration or stdin says stop.
+pub fn http(o: &HttpArgs) {
+    static STDIN_CLOSED: AtomicBool = AtomicBool::new(false);
+    if o.until_stdin_eof {
+        // Detached: it must not keep the scope below alive when the loop ends for another reason.
+        thread::spawn(|| {
+            let _ = io::copy(&mut io::stdin(), &mut io::sink());
+            STDIN_CLOSED.store(true, Ordering::Relaxed);
+        });
+    }
+    let start = Instant::now();
+    let duration = o.duration_ms.map(Duration::from_millis);
+    let interval = Duration::from_millis(o.interval_ms);
+    let next = AtomicUsize::new(0);
+    let failed_spawn = Mutex::new(None);
+    thread::scope(|s| {
+        for _ in 0..o.concurrency {
+            let h = thread::Builder::new().spawn_scoped(s, || {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let by_count = o.count > 0 && i >= o.count;
+                    let by_time = duration.is_some_and(|d| start.elapsed() >= d);
+                    if by_count || by_time || STDIN_CLOSED.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    emit(&http_once(o.to.addr, o.timeout.get()));
+                    thread::sleep(interval);
+                }
+            });
+            if let Err(e) = h {
+                *failed_spawn.lock().unwrap() = Some(e);
+            }
+        }
+    });
+    if let Some(e) = failed_spawn.into_inner().unwrap() {
+        eprintln!("nmi-probe: could not start all threads: {e}");
+    }
+}
+
+/// One token request, read to EOF or until `timeout` (from the start of the connect) has passed.
+fn http_once(addr: SocketAddr, timeout: Duration) -> Attempt {
+    timed("http", addr, |a| {
+        let deadline = Instant::now() + timeout;
+        let mut s = TcpStream::connect_timeout(&addr, timeout).map_err(|e| ("connect", e))?;
+        a.local = s.local_addr().ok();
+        a.peer = s.peer_addr().ok();
+        s.write_all(REQUEST).map_err(|e| ("write", e))?;
+        let mut buf = Vec::new();
+        let read_result = read_to_end_by(&mut s, deadline, &mut buf);
+        // Whatever arrived before an error still says who answered.
+        if !buf.is_empty() {
+            let text = String::from_utf8_lossy(&buf);
+            a.status = text.lines().next().map(str::to_string);
+            if let Some((_, body)) = text.split_once("\r\n\r\n") {
+                a.body = Some(body.chars().take(512).collect());
+            }
+        }
+        read_result.map_err(|e| ("read", e))
+    })
+}
+
+/// Reads until EOF into `buf`; fails with `TimedOut` at `deadline`.
+fn read_to_end_by(s: &mut TcpStream, deadline: Instant, buf: &mut Vec<u8>) -> io::Result<()> {
+    let mut chunk = [0u8; 4096];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::from(io::ErrorKind::TimedOut));
+        }
+        let _ = s.set_read_timeout(Some(left));
+        match s.read(&mut chunk) {
+            Ok(0) => return Ok(()),
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+pub fn connect(mode: &str, addr: SocketAddr, timeout: Duration) -> Attempt {
+    timed(mode, addr, |a| {
+        let s = TcpStream::connect_timeout(&addr, timeout).map_err(|e| ("connect", e))?;
+        a.local = s.local_addr().ok();
+        a.peer = s.peer_addr().ok();
+        Ok(())
+    })
+}
+
+/// Binds a TCP listener to `addr` (as something standing in for the agent would).
+pub fn bind(addr: SocketAddr) -> Attempt {
+    timed("bind", addr, |a| {
+        let l = TcpListener::bind(addr).map_err(|e| ("bind", e))?;
+        a.local = l.local_addr().ok();
+        Ok(())
+    })
+}
