@@ -4,18 +4,16 @@
 //! in their own namespaces may use the port freely.
 
 use aya_ebpf::{
-    EbpfContext,
-    bindings::bpf_sock_addr,
-    helpers::{bpf_get_current_cgroup_id, generated::bpf_get_netns_cookie},
+    EbpfContext, bindings::bpf_sock_addr, helpers::generated::bpf_get_netns_cookie,
     programs::SockAddrContext,
 };
 use aya_log_ebpf::info;
 
 use super::{
     ALLOW, REJECT,
-    maps::{NMI_CONFIG, count, is_exempt},
+    maps::{NMI_CONFIG, count, intercepted_caller},
 };
-use crate::abi::{Counter, Endpoint4};
+use crate::abi::{Counter, Endpoint4, ipv4_mapped};
 
 /// Whether a bind to `port` in this socket's namespace would take the agent's listening address.
 #[inline(always)]
@@ -31,55 +29,47 @@ fn takes_agent_port(
     if target.is_unset() || port != target.port() || !addr_is_agents(target) {
         return false;
     }
-    // SAFETY: the helper takes the program's context pointer.
+    // SAFETY: the helper takes this program's own context pointer, valid for the program's run.
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    netns == config.netns_cookie && !is_exempt(unsafe { bpf_get_current_cgroup_id() })
+    netns == config.netns_cookie && intercepted_caller().is_some()
+}
+
+#[inline(always)]
+fn refuse(ctx: &SockAddrContext, port: u16) -> i32 {
+    count(Counter::BindRefused);
+    info!(
+        ctx,
+        "refused a bind to the agent's port {} in its network namespace", port
+    );
+    REJECT
 }
 
 #[inline(always)]
 pub fn bind4(ctx: &SockAddrContext) -> i32 {
     let sa: *mut bpf_sock_addr = ctx.sock_addr;
-    // SAFETY: the context pointer is valid for the program's run.
+    // SAFETY: the context pointer is valid for the program's run; the verifier checks each field access.
     let (user_ip4, user_port) = unsafe { ((*sa).user_ip4, (*sa).user_port) };
     let wanted = Endpoint4::from_sock_addr(user_ip4, user_port);
     // The wildcard address takes the agent's address too.
     let takes = takes_agent_port(ctx, wanted.port(), |target| {
         user_ip4 == 0 || wanted.addr == target.addr
     });
-    if !takes {
-        return ALLOW;
+    if takes {
+        refuse(ctx, wanted.port())
+    } else {
+        ALLOW
     }
-    count(Counter::BindRefused);
-    info!(
-        ctx,
-        "refused a bind to the agent's port {} in its network namespace",
-        wanted.port()
-    );
-    REJECT
 }
 
 #[inline(always)]
 pub fn bind6(ctx: &SockAddrContext) -> i32 {
     let sa: *mut bpf_sock_addr = ctx.sock_addr;
+    // SAFETY: the context pointer is valid for the program's run; the verifier checks each field access.
     let (ip6, user_port) = unsafe { ((*sa).user_ip6, (*sa).user_port) };
     let port = Endpoint4::from_sock_addr(0, user_port).port();
-    let mapped_prefix = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
     // `::` (dual-stack wildcard) and `::ffff:<agent ip>` both take the agent's IPv4 address and port.
     let takes = takes_agent_port(ctx, port, |target| {
-        let wildcard = ip6 == [0; 4];
-        let mapped = ip6[0] == 0
-            && ip6[1] == 0
-            && ip6[2] == mapped_prefix
-            && ip6[3] == u32::from_ne_bytes(target.addr);
-        wildcard || mapped
+        ip6 == [0; 4] || ipv4_mapped(ip6) == Some(target.addr)
     });
-    if !takes {
-        return ALLOW;
-    }
-    count(Counter::BindRefused);
-    info!(
-        ctx,
-        "refused an IPv6 bind to the agent's port {} in its network namespace", port
-    );
-    REJECT
+    if takes { refuse(ctx, port) } else { ALLOW }
 }
