@@ -179,6 +179,37 @@ pub const fn ipv4_mapped(ip6: Ip6Words) -> Option<[u8; 4]> {
     }
 }
 
+/// An address a bind asks for, as the cgroup bind hooks see it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BindAddr {
+    /// `bind4`: `user_ip4`'s bytes.
+    V4([u8; 4]),
+    /// `bind6`: `user_ip6`.
+    V6(Ip6Words),
+}
+
+/// Whether a socket bound to `addr` and `port` would receive the connects the kernel redirects to `agent`, so that
+/// whoever holds it could answer pods' token requests in the agent's place.
+///
+/// An IPv4 connect to the agent finds a listener on the agent's port bound to the agent's address or to the IPv4
+/// wildcard, and a dual-stack IPv6 socket is such a listener when bound to the IPv4-mapped form of either
+/// (`::ffff:0.0.0.0` *is* the IPv4 wildcard) or to `::`. A `::` socket with `IPV6_V6ONLY` takes no IPv4, but the
+/// hook cannot tell it from a dual-stack one; it is refused as well. An unset `agent` (no redirect yet) takes nothing.
+pub fn bind_takes_agent_port(agent: Endpoint4, addr: BindAddr, port: u16) -> bool {
+    if agent.is_unset() || port != agent.port() {
+        return false;
+    }
+    let ipv4 = match addr {
+        BindAddr::V4(ipv4) => ipv4,
+        BindAddr::V6([0, 0, 0, 0]) => return true,
+        BindAddr::V6(ip6) => match ipv4_mapped(ip6) {
+            Some(ipv4) => ipv4,
+            None => return false,
+        },
+    };
+    ipv4 == [0; 4] || ipv4 == agent.addr
+}
+
 /// Where redirected connects go: the agent's token service, and the network namespace it listens in.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -1,4 +1,4 @@
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
 
 use super::*;
 
@@ -95,5 +95,69 @@ fn ipv4_mapped_recognises_exactly_the_kernels_mapped_form() {
     ];
     for (addr, want) in table {
         assert_eq!(ipv4_mapped(user_ip6(addr)), want, "{addr}");
+    }
+}
+
+/// A bind address as the hooks see it, from its text.
+fn bind_addr(addr: &str) -> BindAddr {
+    match addr.parse::<IpAddr>() {
+        Ok(IpAddr::V4(ip)) => BindAddr::V4(ip.octets()),
+        Ok(IpAddr::V6(_)) => BindAddr::V6(user_ip6(addr)),
+        Err(e) => panic!("{addr}: {e}"),
+    }
+}
+
+#[test]
+fn a_bind_takes_the_agents_port_under_every_spelling_of_its_address_or_the_wildcard() {
+    let agent = Endpoint4::new([10, 1, 0, 1], 2579);
+    let takes = [
+        "10.1.0.1",
+        "0.0.0.0",
+        "::",
+        "0:0:0:0:0:0:0:0",
+        "::ffff:0.0.0.0",
+        "::ffff:0:0",
+        "0:0:0:0:0:ffff:0:0",
+        "::ffff:10.1.0.1",
+        "::ffff:a01:1",
+    ];
+    for addr in takes {
+        assert!(
+            bind_takes_agent_port(agent, bind_addr(addr), 2579),
+            "{addr} on the agent's port"
+        );
+        // The same address on any other port is free, and nothing is guarded before a redirect is configured.
+        assert!(
+            !bind_takes_agent_port(agent, bind_addr(addr), 2580),
+            "{addr}:2580"
+        );
+        assert!(
+            !bind_takes_agent_port(Endpoint4::default(), bind_addr(addr), 2579),
+            "{addr} with no agent configured"
+        );
+    }
+}
+
+#[test]
+fn a_bind_to_any_other_address_leaves_the_agents_port_alone() {
+    let agent = Endpoint4::new([10, 1, 0, 1], 2579);
+    let free = [
+        "10.1.0.2",
+        "127.0.0.1",
+        "255.255.255.255",
+        "::1",
+        // IPv4-compatible, NAT64 and the like are IPv6 addresses to the kernel, not the agent's IPv4 one.
+        "::10.1.0.1",
+        "::ffff:0:a01:1",
+        "64:ff9b::a01:1",
+        "::ffff:10.1.0.2",
+        "::ffff:127.0.0.1",
+        "fe80::1",
+    ];
+    for addr in free {
+        assert!(
+            !bind_takes_agent_port(agent, bind_addr(addr), 2579),
+            "{addr} on the agent's port"
+        );
     }
 }
