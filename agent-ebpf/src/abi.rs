@@ -162,6 +162,54 @@ impl Endpoint4 {
     }
 }
 
+/// `bpf_sock_addr.user_ip6`: an IPv6 address as four u32 words whose memory holds the address's network-order bytes.
+pub type Ip6Words = [u32; 4];
+
+/// The IPv4 address an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`) stands for; `None` for every other IPv6 address.
+///
+/// This is the one form the kernel hands to IPv4 on a dual-stack socket (`ipv6_addr_type()` calls it
+/// `IPV6_ADDR_MAPPED`): 80 zero bits, then 16 one bits. Every textual spelling of it (`::ffff:0:0`,
+/// `0:0:0:0:0:ffff:a01:1`) is the same 16 bytes; the IPv4-compatible `::a.b.c.d` is plain IPv6.
+pub const fn ipv4_mapped(ip6: Ip6Words) -> Option<[u8; 4]> {
+    const MAPPED_PREFIX: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+    if ip6[0] == 0 && ip6[1] == 0 && ip6[2] == MAPPED_PREFIX {
+        Some(ip6[3].to_ne_bytes())
+    } else {
+        None
+    }
+}
+
+/// An address a bind asks for, as the cgroup bind hooks see it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BindAddr {
+    /// `bind4`: `user_ip4`'s bytes.
+    V4([u8; 4]),
+    /// `bind6`: `user_ip6`.
+    V6(Ip6Words),
+}
+
+/// Whether a socket bound to `addr` and `port` would receive the connects the kernel redirects to `agent`, so that
+/// whoever holds it could answer pods' token requests in the agent's place.
+///
+/// An IPv4 connect to the agent finds a listener on the agent's port bound to the agent's address or to the IPv4
+/// wildcard, and a dual-stack IPv6 socket is such a listener when bound to the IPv4-mapped form of either
+/// (`::ffff:0.0.0.0` *is* the IPv4 wildcard) or to `::`. A `::` socket with `IPV6_V6ONLY` takes no IPv4, but the
+/// hook cannot tell it from a dual-stack one; it is refused as well. An unset `agent` (no redirect yet) takes nothing.
+pub fn bind_takes_agent_port(agent: Endpoint4, addr: BindAddr, port: u16) -> bool {
+    if agent.is_unset() || port != agent.port() {
+        return false;
+    }
+    let ipv4 = match addr {
+        BindAddr::V4(ipv4) => ipv4,
+        BindAddr::V6([0, 0, 0, 0]) => return true,
+        BindAddr::V6(ip6) => match ipv4_mapped(ip6) {
+            Some(ipv4) => ipv4,
+            None => return false,
+        },
+    };
+    ipv4 == [0; 4] || ipv4 == agent.addr
+}
+
 /// Where redirected connects go: the agent's token service, and the network namespace it listens in.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -193,17 +241,27 @@ pub struct ConnKey {
     pub server: Endpoint4,
 }
 
+/// The user-space half: aya copies these types to and from the maps as raw bytes.
 #[cfg(feature = "user")]
-mod user {
-    use std::net::{Ipv4Addr, SocketAddrV4};
-
+mod pod {
     use super::{ConnKey, ConnRecord, Endpoint4, RedirectConfig};
 
-    // SAFETY: plain `#[repr(C)]` data with explicit padding and no invalid bit patterns.
+    // SAFETY: `#[repr(C)]` byte arrays with explicit padding; every bit pattern is valid.
     unsafe impl aya::Pod for Endpoint4 {}
+    // SAFETY: `#[repr(C)]`, an `Endpoint4` and a u64, no implicit padding; every bit pattern is valid.
     unsafe impl aya::Pod for RedirectConfig {}
+    // SAFETY: `#[repr(C)]` integers and an `Endpoint4`, padding explicit; every bit pattern is valid.
     unsafe impl aya::Pod for ConnRecord {}
+    // SAFETY: `#[repr(C)]`, two `Endpoint4`; every bit pattern is valid.
     unsafe impl aya::Pod for ConnKey {}
+}
+
+/// std's address types for the agent and the host tests (the crate has std everywhere but on the BPF target).
+#[cfg(not(target_arch = "bpf"))]
+mod host {
+    use std::net::{Ipv4Addr, SocketAddrV4};
+
+    use super::{ConnKey, Endpoint4};
 
     impl From<SocketAddrV4> for Endpoint4 {
         fn from(sa: SocketAddrV4) -> Self {
@@ -229,67 +287,4 @@ mod user {
 }
 
 #[cfg(test)]
-mod tests {
-    use std::net::{Ipv4Addr, SocketAddrV4};
-
-    use super::*;
-
-    // The raw values below are what the kernel hands a little-endian program for 10.1.2.3:46273 / 169.254.169.254:80;
-    // the sock_ops remote_port sample (0xc1b40000 -> 46273) was read off kernel 6.18.
-    const IP_10_1_2_3_RAW: u32 = u32::from_ne_bytes([10, 1, 2, 3]);
-
-    #[test]
-    fn sock_addr_fields_round_trip() {
-        let user_port = u32::from(80u16.to_be());
-        let ep = Endpoint4::from_sock_addr(u32::from_ne_bytes(IMDS_ADDR), user_port);
-        assert_eq!(ep, Endpoint4::new(IMDS_ADDR, IMDS_PORT));
-        assert_eq!(ep.port(), 80);
-        assert_eq!(
-            ep.to_sock_addr(),
-            (u32::from_ne_bytes(IMDS_ADDR), user_port)
-        );
-    }
-
-    #[test]
-    fn sock_ops_remote_port_lives_in_the_upper_half() {
-        let ep = Endpoint4::from_sock_ops_remote(IP_10_1_2_3_RAW, 0xc1b4_0000);
-        assert_eq!(
-            SocketAddrV4::from(ep),
-            SocketAddrV4::new(Ipv4Addr::new(10, 1, 2, 3), 46273)
-        );
-    }
-
-    #[test]
-    fn sock_ops_local_port_is_host_order() {
-        let ep = Endpoint4::from_sock_ops_local(IP_10_1_2_3_RAW, 46273);
-        assert_eq!(
-            SocketAddrV4::from(ep),
-            SocketAddrV4::new(Ipv4Addr::new(10, 1, 2, 3), 46273)
-        );
-    }
-
-    #[test]
-    fn kernel_and_user_views_of_a_connection_agree() {
-        // sock_ops on the client: local = client, remote = agent. accept() on the agent: peer = client, local = agent.
-        let client = SocketAddrV4::new(Ipv4Addr::new(10, 1, 2, 3), 46273);
-        let agent = SocketAddrV4::new(Ipv4Addr::new(10, 1, 0, 1), 2579);
-        // remote_port as the kernel stores it: two zero bytes, then the port's network-order bytes.
-        let [hi, lo] = 2579u16.to_be_bytes();
-        let from_kernel = ConnKey {
-            client: Endpoint4::from_sock_ops_local(IP_10_1_2_3_RAW, 46273),
-            server: Endpoint4::from_sock_ops_remote(
-                u32::from_ne_bytes([10, 1, 0, 1]),
-                u32::from_ne_bytes([0, 0, hi, lo]),
-            ),
-        };
-        assert_eq!(from_kernel, ConnKey::accepted(client, agent));
-    }
-
-    #[test]
-    fn layouts_have_no_implicit_padding() {
-        assert_eq!(core::mem::size_of::<Endpoint4>(), 8);
-        assert_eq!(core::mem::size_of::<ConnKey>(), 16);
-        assert_eq!(core::mem::size_of::<ConnRecord>(), 24);
-        assert_eq!(core::mem::size_of::<RedirectConfig>(), 16);
-    }
-}
+mod tests;

@@ -11,6 +11,30 @@ pub mod getpeername;
 pub mod maps;
 pub mod sock_ops;
 
+use aya_ebpf::{EbpfContext, helpers::bpf_get_socket_cookie, programs::SockAddrContext};
+
+use crate::abi::Endpoint4;
+
 /// cgroup sock_addr and cgroup_skb verdicts.
 pub const ALLOW: i32 = 1;
 pub const REJECT: i32 = 0;
+
+/// Points a sock_addr hook's address at `to`: the destination in connect4, the reported peer in getpeername4.
+#[inline(always)]
+fn set_user_addr4(ctx: &SockAddrContext, to: Endpoint4) {
+    let (ip4, port) = to.to_sock_addr();
+    let sa = ctx.sock_addr;
+    // SAFETY: the context pointer is valid for the program's run, and the hooks that call this may write these
+    // two fields (the verifier refuses the load otherwise).
+    unsafe {
+        (*sa).user_ip4 = ip4;
+        (*sa).user_port = port;
+    }
+}
+
+/// The socket's cookie: one value for one socket in every hook, so it joins connect4's record to sock_ops' 4-tuple.
+#[inline(always)]
+fn socket_cookie(ctx: &impl EbpfContext) -> u64 {
+    // SAFETY: the helper takes this program's own context pointer, valid for the program's run.
+    unsafe { bpf_get_socket_cookie(ctx.as_ptr()) }
+}

@@ -497,3 +497,52 @@ fn a_process_outside_the_intercepted_subtree_is_untouched() {
         "the agent saw a connection from outside/"
     );
 }
+
+#[test]
+fn a_host_network_pod_cannot_bind_the_agents_port_by_any_spelling_of_its_address_while_it_is_down()
+{
+    let Some(mut w) = world("datapath::bind_spellings") else {
+        return;
+    };
+    let (ip, port) = (*w.agent.listen.ip(), w.agent.listen.port());
+    // Every address whose bound socket would receive the connects redirected to the agent: its own, the IPv4
+    // wildcard, and the IPv6 forms a dual-stack socket maps onto those two (`::ffff:0.0.0.0` is the IPv4 wildcard).
+    let spellings = |port: u16| {
+        [
+            format!("{ip}:{port}"),
+            format!("0.0.0.0:{port}"),
+            format!("[::]:{port}"),
+            format!("[::ffff:0.0.0.0]:{port}"),
+            format!("[::ffff:{ip}]:{port}"),
+        ]
+    };
+    w.agent.kill9();
+    let hostnet = &w.topo.hostnet;
+
+    // Control: one port over, every spelling binds, so the refusals below are the guard's and not the address's.
+    for addr in spellings(port + 1) {
+        let a = hostnet.probe_one(&["bind", "--addr", &addr]);
+        assert!(
+            a.ok,
+            "control: a hostNetwork pod could not bind {addr}: {a:?}"
+        );
+    }
+    let bound: Vec<Attempt> = spellings(port)
+        .iter()
+        .map(|addr| hostnet.probe_one(&["bind", "--addr", addr]))
+        .filter(|a| a.ok || a.errno != Some(libc::EPERM))
+        .collect();
+    assert!(
+        bound.is_empty(),
+        "while the agent was down, a hostNetwork pod could bind its port: {bound:#?}"
+    );
+
+    // The refusals were the kernel program's (they are counted in the pinned map), and the agent takes its port back.
+    w.agent.restart();
+    let refused = w.agent.metric("nmi_kernel_bind_refused_total");
+    assert!(
+        refused.is_some_and(|n| n >= 5.0),
+        "nmi_kernel_bind_refused_total = {refused:?} after five refused binds"
+    );
+    assert_attested(&w.agent, &w.topo.pod_a, &w.topo.pod_a.probe_one(&["http"]));
+}

@@ -4,6 +4,7 @@
 use std::{
     env,
     path::{Path, PathBuf},
+    process::Command,
 };
 
 use anyhow::{Result, bail};
@@ -36,37 +37,18 @@ fn encoded_rustflags(host_arch: &str) -> String {
     .join("\x1f")
 }
 
-/// Builds the object and returns its absolute path.
-pub fn build_object(root: &Path, target_dir: &Path, linker: &BpfLinker) -> Result<PathBuf> {
-    let ebpf_target_dir = target_dir.join("ebpf");
-    let target = bpf_target();
-    announce(format!(
-        "building {PACKAGE} for {target} with {}",
-        toolchain::NIGHTLY
-    ));
-
-    let mut build = toolchain::nightly_command("cargo");
-    build
-        .args([
-            "build",
-            "--package",
-            PACKAGE,
-            "--bins",
-            "--release",
-            "--target",
-            target,
-        ])
+/// `cargo <subcommand>` on the nightly for the BPF target, with build-std and the flags above, in `target/ebpf`.
+fn bpf_cargo(root: &Path, target_dir: &Path, subcommand: &str) -> Command {
+    let mut cargo = toolchain::nightly_command("cargo");
+    cargo
+        .arg(subcommand)
+        .args(["--package", PACKAGE, "--release", "--target", bpf_target()])
         .args(["-Z", "build-std=core", "--target-dir"])
-        .arg(&ebpf_target_dir)
+        .arg(target_dir.join("ebpf"))
         .current_dir(root)
         .env(
             "CARGO_ENCODED_RUSTFLAGS",
             encoded_rustflags(env::consts::ARCH),
-        )
-        .env("PATH", cmd::prepend_path("PATH", &linker.bin_dir)?)
-        .env(
-            "LD_LIBRARY_PATH",
-            cmd::prepend_path("LD_LIBRARY_PATH", &linker.lib_dir)?,
         );
     // The outer `cargo xtask` runs on stable and may set these; any of them would point the nightly build at the
     // wrong compiler or add host-only flags.
@@ -76,15 +58,37 @@ pub fn build_object(root: &Path, target_dir: &Path, linker: &BpfLinker) -> Resul
         "RUSTFLAGS",
         "CARGO_BUILD_RUSTFLAGS",
     ] {
-        build.env_remove(var);
+        cargo.env_remove(var);
     }
+    cargo
+}
+
+/// Builds the object and returns its absolute path.
+pub fn build_object(root: &Path, target_dir: &Path, linker: &BpfLinker) -> Result<PathBuf> {
+    let target = bpf_target();
+    announce(format!(
+        "building {PACKAGE} for {target} with {}",
+        toolchain::NIGHTLY
+    ));
+    let mut build = bpf_cargo(root, target_dir, "build");
+    build
+        .arg("--bins")
+        .env("PATH", cmd::prepend_path("PATH", &linker.bin_dir)?)
+        .env(
+            "LD_LIBRARY_PATH",
+            cmd::prepend_path("LD_LIBRARY_PATH", &linker.lib_dir)?,
+        );
     cmd::run(
         &mut build,
         "the eBPF build failed: compiler or verifier-style errors are in agent-ebpf; \
          a bpf-linker error naming LLVM versions means the linker does not match the nightly",
     )?;
 
-    let object = ebpf_target_dir.join(target).join("release").join(PACKAGE);
+    let object = target_dir
+        .join("ebpf")
+        .join(target)
+        .join("release")
+        .join(PACKAGE);
     if !object.is_file() {
         bail!(
             "the eBPF build succeeded but {} is missing; does {PACKAGE} still have a bin target named {PACKAGE}?",
@@ -92,6 +96,21 @@ pub fn build_object(root: &Path, target_dir: &Path, linker: &BpfLinker) -> Resul
         );
     }
     Ok(object)
+}
+
+/// Lints the kernel programs as they are built, for the BPF target: the host-side `cargo clippy --workspace` sees
+/// only `abi.rs`, because everything else in the crate is `cfg(target_arch = "bpf")`. Checking needs no linker.
+pub fn clippy(root: &Path, target_dir: &Path) -> Result<()> {
+    announce(format!(
+        "linting {PACKAGE} for {} with {}",
+        bpf_target(),
+        toolchain::NIGHTLY
+    ));
+    cmd::run(
+        bpf_cargo(root, target_dir, "clippy").args(["--lib", "--bins", "--", "-D", "warnings"]),
+        "the kernel programs (agent-ebpf, built for the BPF target) have lint findings, listed above; \
+         fix them in agent-ebpf (warnings count as errors)",
+    )
 }
 
 #[cfg(test)]

@@ -13,11 +13,12 @@ use anyhow::{Result, anyhow};
 use crate::{
     artifacts::{self, Profile},
     cmd::{self, announce},
+    ebpf,
     host::{self, Apt},
     image, manifests, toolchain,
 };
 
-const TOTAL_STEPS: usize = 9;
+const TOTAL_STEPS: usize = 10;
 
 pub fn test(root: &Path, quick: bool) -> Result<()> {
     let mut steps = Steps::default();
@@ -45,6 +46,13 @@ pub fn test(root: &Path, quick: bool) -> Result<()> {
                 .current_dir(root),
             "fix the lints above (warnings count as errors)",
         )
+    })?;
+    // The host clippy above sees only the parts of agent-ebpf that compile for the host; this lints the programs.
+    steps.run("kernel clippy", || {
+        let nightly = toolchain::nightly()?;
+        toolchain::ensure_rust_src(&nightly)?;
+        toolchain::ensure_nightly_clippy()?;
+        ebpf::clippy(root, &artifacts::target_dir(root))
     })?;
     steps.run("unit tests", || {
         cmd::run(

@@ -84,19 +84,44 @@ pub fn ensure_rust_src(nightly: &Nightly) -> Result<()> {
 /// `cargo xtask test` runs `cargo fmt` and `cargo clippy`; rustup's minimal profile leaves both out.
 pub fn ensure_rustfmt_and_clippy() -> Result<()> {
     for (subcommand, component) in [("fmt", "rustfmt"), ("clippy", "clippy")] {
-        if cmd::succeeds(cmd::cargo().args([subcommand, "--version"])) {
-            continue;
-        }
-        announce(format!(
-            "installing the {component} component (cargo {subcommand} is missing)"
-        ));
-        cmd::run(
-            Command::new("rustup").args(["component", "add", component]),
-            "component install failed; needs network access to static.rust-lang.org, or run \
-             `rustup component add rustfmt clippy` by hand",
-        )?;
+        ensure_cargo_component(cmd::cargo(), None, subcommand, component)?;
     }
     Ok(())
+}
+
+/// The kernel crate is linted by the nightly that builds it, which needs its own clippy.
+pub fn ensure_nightly_clippy() -> Result<()> {
+    ensure_cargo_component(nightly_command("cargo"), Some(NIGHTLY), "clippy", "clippy")
+}
+
+/// Installs `component` into `toolchain` (rustup's default when `None`) unless `cargo <subcommand>` already runs.
+fn ensure_cargo_component(
+    mut cargo: Command,
+    toolchain: Option<&str>,
+    subcommand: &str,
+    component: &str,
+) -> Result<()> {
+    if cmd::succeeds(cargo.args([subcommand, "--version"])) {
+        return Ok(());
+    }
+    let mut add = Command::new("rustup");
+    add.args(["component", "add", component]);
+    if let Some(toolchain) = toolchain {
+        add.args(["--toolchain", toolchain]);
+    }
+    let by_hand = match toolchain {
+        Some(toolchain) => format!("rustup component add {component} --toolchain {toolchain}"),
+        None => format!("rustup component add {component}"),
+    };
+    announce(format!(
+        "installing the {component} component (cargo {subcommand} is missing)"
+    ));
+    cmd::run(
+        &mut add,
+        &format!(
+            "component install failed; needs network access to static.rust-lang.org, or run `{by_hand}` by hand"
+        ),
+    )
 }
 
 /// Tools live outside the target dir so that `cargo clean` does not cost a bpf-linker rebuild.

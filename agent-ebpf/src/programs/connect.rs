@@ -3,19 +3,17 @@
 //! Every connect in the intercepted subtree passes through here, so the common case (not IMDS) costs one comparison.
 
 use aya_ebpf::{
-    EbpfContext,
-    bindings::bpf_sock_addr,
-    helpers::{bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_socket_cookie},
-    programs::SockAddrContext,
+    bindings::bpf_sock_addr, helpers::bpf_get_current_pid_tgid, programs::SockAddrContext,
 };
 
 use aya_log_ebpf::{error, info};
 
 use super::{
     ALLOW, REJECT,
-    maps::{NMI_CONFIG, NMI_SOCKETS, count, is_exempt},
+    maps::{NMI_CONFIG, NMI_SOCKETS, count, intercepted_caller},
+    set_user_addr4, socket_cookie,
 };
-use crate::abi::{ConnRecord, Counter, Endpoint4, IMDS_ADDR, IMDS_PORT};
+use crate::abi::{ConnRecord, Counter, Endpoint4, IMDS_ADDR, IMDS_PORT, ipv4_mapped};
 
 const SOCK_STREAM: u32 = 1;
 const IPPROTO_TCP: u32 = 6;
@@ -30,10 +28,10 @@ pub fn connect4(ctx: &SockAddrContext) -> i32 {
     if user_ip4 != IMDS_IP4_RAW {
         return ALLOW;
     }
-    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
-    if is_exempt(cgroup_id) {
+    let Some(cgroup_id) = intercepted_caller() else {
         return ALLOW;
-    }
+    };
+    // SAFETY: as above.
     let (sock_type, protocol, user_port) =
         unsafe { ((*sa).type_, (*sa).protocol, (*sa).user_port) };
     let original = Endpoint4::from_sock_addr(user_ip4, user_port);
@@ -59,14 +57,14 @@ pub fn connect4(ctx: &SockAddrContext) -> i32 {
         count(Counter::Refused);
         return REJECT;
     }
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let cookie = socket_cookie(ctx);
     let record = ConnRecord {
         cgroup_id,
         original,
         tgid: (bpf_get_current_pid_tgid() >> 32) as u32,
         _pad: 0,
     };
-    if NMI_SOCKETS.insert(&cookie, &record, 0).is_err() {
+    if NMI_SOCKETS.insert(cookie, record, 0).is_err() {
         count(Counter::RecordFailed);
         error!(
             ctx,
@@ -74,11 +72,7 @@ pub fn connect4(ctx: &SockAddrContext) -> i32 {
         );
         return REJECT;
     }
-    let (ip4, port) = target.to_sock_addr();
-    unsafe {
-        (*sa).user_ip4 = ip4;
-        (*sa).user_port = port;
-    }
+    set_user_addr4(ctx, target);
     count(Counter::Redirected);
     ALLOW
 }
@@ -88,15 +82,14 @@ pub fn connect4(ctx: &SockAddrContext) -> i32 {
 #[inline(always)]
 pub fn connect6(ctx: &SockAddrContext) -> i32 {
     let sa: *mut bpf_sock_addr = ctx.sock_addr;
+    // SAFETY: the context pointer is valid for the program's run; the verifier checks the field access.
     let ip6 = unsafe { (*sa).user_ip6 };
-    let mapped_prefix = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
-    if ip6[3] != IMDS_IP4_RAW || ip6[2] != mapped_prefix || ip6[1] != 0 || ip6[0] != 0 {
+    if ipv4_mapped(ip6) != Some(IMDS_ADDR) {
         return ALLOW;
     }
-    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
-    if is_exempt(cgroup_id) {
+    let Some(cgroup_id) = intercepted_caller() else {
         return ALLOW;
-    }
+    };
     count(Counter::Refused);
     info!(
         ctx,

@@ -25,6 +25,7 @@ pub fn egress(ctx: &SkBuffContext) -> i32 {
     if daddr != IMDS_ADDR {
         return ALLOW;
     }
+    // SAFETY: the helper takes this program's own socket buffer, valid for the program's run.
     let cgroup_id = unsafe { bpf_skb_cgroup_id(ctx.skb.skb) };
     if is_exempt(cgroup_id) {
         return ALLOW;

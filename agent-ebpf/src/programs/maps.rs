@@ -1,6 +1,7 @@
 //! The maps, all pinned by name so that they outlive the agent (fail closed) and a restarted agent adopts them.
 
 use aya_ebpf::{
+    helpers::bpf_get_current_cgroup_id,
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
@@ -35,6 +36,25 @@ pub fn count(counter: Counter) {
 
 #[inline(always)]
 pub fn is_exempt(cgroup_id: u64) -> bool {
-    // SAFETY: the value is only tested for presence.
-    unsafe { NMI_EXEMPT.get(&cgroup_id).is_some() }
+    // SAFETY: the returned reference is only tested for presence, never read, so a concurrent update cannot matter.
+    unsafe { NMI_EXEMPT.get(cgroup_id).is_some() }
+}
+
+/// The record connect4 filed for a socket, by its cookie.
+#[inline(always)]
+pub fn socket_record(cookie: u64) -> Option<ConnRecord> {
+    // SAFETY: copied out at once; a concurrent update or LRU eviction can only make the copy stale, not invalid.
+    unsafe { NMI_SOCKETS.get(cookie) }.copied()
+}
+
+/// The calling task's cgroup, or `None` when that cgroup is exempt (the agent's own) and its call is not ours to judge.
+#[inline(always)]
+pub fn intercepted_caller() -> Option<u64> {
+    // SAFETY: a helper without arguments, available to every program type these hooks use.
+    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    if is_exempt(cgroup_id) {
+        None
+    } else {
+        Some(cgroup_id)
+    }
 }

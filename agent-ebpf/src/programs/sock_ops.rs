@@ -1,16 +1,17 @@
 //! `sockops`: file a redirected socket's record under its 4-tuple, and drop both entries when it closes.
 
 use aya_ebpf::{
-    EbpfContext,
     bindings::{
         BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
         BPF_TCP_CLOSE,
     },
-    helpers::bpf_get_socket_cookie,
     programs::SockOpsContext,
 };
 
-use super::maps::{NMI_CONNS, NMI_SOCKETS, count};
+use super::{
+    maps::{NMI_CONNS, NMI_SOCKETS, count, socket_record},
+    socket_cookie,
+};
 use crate::abi::{ConnKey, Counter, Endpoint4};
 
 const AF_INET: u32 = 2;
@@ -39,12 +40,10 @@ fn on_connect(ctx: &SockOpsContext) {
     if ctx.family() != AF_INET {
         return;
     }
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    // SAFETY: the record is copied out at once; a concurrent LRU eviction can only make the copy stale, not invalid.
-    let Some(record) = (unsafe { NMI_SOCKETS.get(&cookie) }).copied() else {
+    let Some(record) = socket_record(socket_cookie(ctx)) else {
         return;
     };
-    if NMI_CONNS.insert(&key(ctx), &record, 0).is_ok() {
+    if NMI_CONNS.insert(key(ctx), record, 0).is_ok() {
         count(Counter::Linked);
     }
     // Ask for state changes so the entries go away with the connection, including a connect that never completes.
@@ -56,7 +55,6 @@ fn on_close(ctx: &SockOpsContext) {
     if ctx.family() != AF_INET {
         return;
     }
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let _ = NMI_SOCKETS.remove(&cookie);
-    let _ = NMI_CONNS.remove(&key(ctx));
+    let _ = NMI_SOCKETS.remove(socket_cookie(ctx));
+    let _ = NMI_CONNS.remove(key(ctx));
 }

@@ -1,0 +1,163 @@
+use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
+
+use super::*;
+
+// The raw values below are what the kernel hands a little-endian program for 10.1.2.3:46273 / 169.254.169.254:80;
+// the sock_ops remote_port sample (0xc1b40000 -> 46273) was read off kernel 6.18.
+const IP_10_1_2_3_RAW: u32 = u32::from_ne_bytes([10, 1, 2, 3]);
+
+#[test]
+fn sock_addr_fields_round_trip() {
+    let user_port = u32::from(80u16.to_be());
+    let ep = Endpoint4::from_sock_addr(u32::from_ne_bytes(IMDS_ADDR), user_port);
+    assert_eq!(ep, Endpoint4::new(IMDS_ADDR, IMDS_PORT));
+    assert_eq!(ep.port(), 80);
+    assert_eq!(
+        ep.to_sock_addr(),
+        (u32::from_ne_bytes(IMDS_ADDR), user_port)
+    );
+}
+
+#[test]
+fn sock_ops_remote_port_lives_in_the_upper_half() {
+    let ep = Endpoint4::from_sock_ops_remote(IP_10_1_2_3_RAW, 0xc1b4_0000);
+    assert_eq!(
+        SocketAddrV4::from(ep),
+        SocketAddrV4::new(Ipv4Addr::new(10, 1, 2, 3), 46273)
+    );
+}
+
+#[test]
+fn sock_ops_local_port_is_host_order() {
+    let ep = Endpoint4::from_sock_ops_local(IP_10_1_2_3_RAW, 46273);
+    assert_eq!(
+        SocketAddrV4::from(ep),
+        SocketAddrV4::new(Ipv4Addr::new(10, 1, 2, 3), 46273)
+    );
+}
+
+#[test]
+fn kernel_and_user_views_of_a_connection_agree() {
+    // sock_ops on the client: local = client, remote = agent. accept() on the agent: peer = client, local = agent.
+    let client = SocketAddrV4::new(Ipv4Addr::new(10, 1, 2, 3), 46273);
+    let agent = SocketAddrV4::new(Ipv4Addr::new(10, 1, 0, 1), 2579);
+    // remote_port as the kernel stores it: two zero bytes, then the port's network-order bytes.
+    let [hi, lo] = 2579u16.to_be_bytes();
+    let from_kernel = ConnKey {
+        client: Endpoint4::from_sock_ops_local(IP_10_1_2_3_RAW, 46273),
+        server: Endpoint4::from_sock_ops_remote(
+            u32::from_ne_bytes([10, 1, 0, 1]),
+            u32::from_ne_bytes([0, 0, hi, lo]),
+        ),
+    };
+    assert_eq!(from_kernel, ConnKey::accepted(client, agent));
+}
+
+#[test]
+fn layouts_have_no_implicit_padding() {
+    assert_eq!(core::mem::size_of::<Endpoint4>(), 8);
+    assert_eq!(core::mem::size_of::<ConnKey>(), 16);
+    assert_eq!(core::mem::size_of::<ConnRecord>(), 24);
+    assert_eq!(core::mem::size_of::<RedirectConfig>(), 16);
+}
+
+/// `user_ip6` as the kernel lays it out: the address's bytes in order, read four at a time in native order.
+fn user_ip6(addr: &str) -> Ip6Words {
+    let octets = addr
+        .parse::<std::net::Ipv6Addr>()
+        .unwrap_or_else(|e| panic!("{addr}: {e}"))
+        .octets();
+    core::array::from_fn(|i| {
+        u32::from_ne_bytes([
+            octets[4 * i],
+            octets[4 * i + 1],
+            octets[4 * i + 2],
+            octets[4 * i + 3],
+        ])
+    })
+}
+
+#[test]
+fn ipv4_mapped_recognises_exactly_the_kernels_mapped_form() {
+    let table: [(&str, Option<[u8; 4]>); 10] = [
+        ("::ffff:169.254.169.254", Some(IMDS_ADDR)),
+        ("0:0:0:0:0:ffff:a9fe:a9fe", Some(IMDS_ADDR)),
+        ("::ffff:10.1.0.1", Some([10, 1, 0, 1])),
+        ("::ffff:0.0.0.0", Some([0, 0, 0, 0])),
+        ("::ffff:0:0", Some([0, 0, 0, 0])),
+        // IPv4-compatible and the unspecified address are IPv6 to the kernel.
+        ("::169.254.169.254", None),
+        ("::", None),
+        // One bit off in the prefix, or the ones in the wrong word.
+        ("::fffe:169.254.169.254", None),
+        ("::ffff:0:169.254.169.254", None),
+        ("64:ff9b::169.254.169.254", None),
+    ];
+    for (addr, want) in table {
+        assert_eq!(ipv4_mapped(user_ip6(addr)), want, "{addr}");
+    }
+}
+
+/// A bind address as the hooks see it, from its text.
+fn bind_addr(addr: &str) -> BindAddr {
+    match addr.parse::<IpAddr>() {
+        Ok(IpAddr::V4(ip)) => BindAddr::V4(ip.octets()),
+        Ok(IpAddr::V6(_)) => BindAddr::V6(user_ip6(addr)),
+        Err(e) => panic!("{addr}: {e}"),
+    }
+}
+
+#[test]
+fn a_bind_takes_the_agents_port_under_every_spelling_of_its_address_or_the_wildcard() {
+    let agent = Endpoint4::new([10, 1, 0, 1], 2579);
+    let takes = [
+        "10.1.0.1",
+        "0.0.0.0",
+        "::",
+        "0:0:0:0:0:0:0:0",
+        "::ffff:0.0.0.0",
+        "::ffff:0:0",
+        "0:0:0:0:0:ffff:0:0",
+        "::ffff:10.1.0.1",
+        "::ffff:a01:1",
+    ];
+    for addr in takes {
+        assert!(
+            bind_takes_agent_port(agent, bind_addr(addr), 2579),
+            "{addr} on the agent's port"
+        );
+        // The same address on any other port is free, and nothing is guarded before a redirect is configured.
+        assert!(
+            !bind_takes_agent_port(agent, bind_addr(addr), 2580),
+            "{addr}:2580"
+        );
+        assert!(
+            !bind_takes_agent_port(Endpoint4::default(), bind_addr(addr), 2579),
+            "{addr} with no agent configured"
+        );
+    }
+}
+
+#[test]
+fn a_bind_to_any_other_address_leaves_the_agents_port_alone() {
+    let agent = Endpoint4::new([10, 1, 0, 1], 2579);
+    let free = [
+        "10.1.0.2",
+        "127.0.0.1",
+        "255.255.255.255",
+        "::1",
+        // IPv4-compatible, NAT64 and the like are IPv6 addresses to the kernel, not the agent's IPv4 one.
+        "::10.1.0.1",
+        "::ffff:0:a01:1",
+        "64:ff9b::a01:1",
+        "::ffff:10.1.0.2",
+        "::ffff:127.0.0.1",
+        "fe80::1",
+    ];
+    for addr in free {
+        assert!(
+            !bind_takes_agent_port(agent, bind_addr(addr), 2579),
+            "{addr} on the agent's port"
+        );
+    }
+}
