@@ -1,5 +1,5 @@
 //! Kubernetes mode end to end, without a cluster: kube-rs's real reflectors against the fake API server
-//! (`nmi_agent_e2e::fake_apiserver`), resolving callers by cgroup path as the agent does.
+//! (`nmi_testkit::fake_apiserver`), resolving callers by cgroup path as the agent does.
 
 use std::{
     future::Future,
