@@ -102,7 +102,8 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
                 cluster_wide: args.cluster_wide_bindings,
                 ..KubeConfig::new(node_name)
             };
-            let source = BindingSource::Kube(Arc::new(KubeSource::start(client.clone(), kube_config)?));
+            let source =
+                BindingSource::Kube(Arc::new(KubeSource::start(client.clone(), kube_config)?));
             let service = if args.service_principals {
                 imds::Service::new(config, source.clone(), KubeSecrets::new(client))?
             } else {

@@ -1,4 +1,4 @@
-//! The bindings file as a binding source: the table in force, swapped whole on a reload (SIGHUP, or a change seen by
+//! The bindings file as a binding source: the table in force, swapped whole on a reload (SIGHUP via `run::signals`, or a change seen by
 //! a metadata poll), and the set of bound client ids the token cache follows.
 
 use std::{
@@ -120,37 +120,16 @@ impl FileSource {
         (now != last).then(|| self.reload())
     }
 
-    /// Reloads on SIGHUP and whenever a poll every `poll` sees the file change. Runs until the task is aborted.
+    /// Reloads whenever a poll every `poll` sees the file change. Runs until the task is aborted. SIGHUP is not
+    /// listened for here: the process's signals have one owner (`run::signals`), which calls [`FileSource::reload`].
     pub fn spawn_reloader(self: &Arc<Self>, poll: Duration) -> tokio::task::JoinHandle<()> {
         let me = Arc::clone(self);
         tokio::spawn(async move {
-            let mut hup = match tokio::signal::unix::signal(
-                tokio::signal::unix::SignalKind::hangup(),
-            ) {
-                Ok(s) => Some(s),
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot listen for SIGHUP; the bindings file is reloaded on change only");
-                    None
-                }
-            };
             let mut tick = tokio::time::interval(poll);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
-                let hup_recv = async {
-                    match hup.as_mut() {
-                        Some(h) => h.recv().await,
-                        None => std::future::pending().await,
-                    }
-                };
-                tokio::select! {
-                    _ = hup_recv => {
-                        tracing::info!(file = %me.path.display(), "SIGHUP: reloading bindings file");
-                        let _ = me.reload();
-                    }
-                    _ = tick.tick() => {
-                        let _ = me.reload_if_changed();
-                    }
-                }
+                tick.tick().await;
+                let _ = me.reload_if_changed();
             }
         })
     }

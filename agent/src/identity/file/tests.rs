@@ -448,33 +448,6 @@ async fn the_reloader_sees_a_replaced_file() {
 }
 
 #[tokio::test]
-async fn sighup_reloads() {
-    // Registering a handler first makes SIGHUP harmless to this test process whatever the reloader task does.
-    let _guard = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        .expect("sighup handler");
-    let v1 = a_bound_to_x();
-    let (_dir, path, src) = load(&v1);
-    let src = Arc::new(src);
-    // A poll so slow that only the signal can cause the reload.
-    let task = src.spawn_reloader(Duration::from_secs(3600));
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    write(&path, &v1.replace("cgroup: x", "cgroup: w"));
-    let hangup = || {
-        // SAFETY: kill(2) on our own pid with a signal this process handles.
-        unsafe { libc::kill(libc::getpid(), libc::SIGHUP) };
-    };
-    wait_until_bound(
-        &src,
-        "/w",
-        Duration::from_millis(100),
-        hangup,
-        "SIGHUP reload did not happen",
-    )
-    .await;
-    task.abort();
-}
-
-#[tokio::test]
 async fn the_source_enum_dispatches_to_the_file() {
     use std::net::{Ipv4Addr, SocketAddrV4};
     let (_dir, _, src) = load(&a_bound_to_x());
