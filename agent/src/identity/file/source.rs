@@ -1,5 +1,5 @@
-//! The bindings file as a binding source: the table in force, swapped whole on a reload (SIGHUP via `run::signals`, or a change seen by
-//! a metadata poll), and the set of bound client ids the token cache follows.
+//! The bindings file as a binding source: the table in force, swapped whole on a reload (SIGHUP, through
+//! `run::signals`, or a change seen by a metadata poll), and the set of bound client ids the token cache follows.
 
 use std::{
     fmt,
