@@ -28,29 +28,41 @@ pub struct Apt {
     updated: bool,
 }
 
+const APT_HINT: &str =
+    "needs root and network access to the Debian mirrors; or install the packages by hand";
+
 impl Apt {
     pub fn install(&mut self, packages: &[&str]) -> Result<()> {
-        const HINT: &str =
-            "needs root and network access to the Debian mirrors; or install the packages by hand";
         if cmd::find_program("apt-get").is_none() {
             bail!(
                 "cannot install {} without apt-get: install them by hand",
                 packages.join(" ")
             );
         }
-        if !self.updated {
-            announce("apt-get update");
-            cmd::run(Command::new("apt-get").args(["update", "-q"]), HINT)?;
-            self.updated = true;
-        }
+        self.update()?;
         announce(format!("apt-get install {}", packages.join(" ")));
         cmd::run(
             Command::new("apt-get")
                 .args(["install", "-y", "-q", "--no-install-recommends"])
                 .args(packages)
                 .env("DEBIAN_FRONTEND", "noninteractive"),
-            HINT,
+            APT_HINT,
         )
+    }
+
+    /// `apt-get update`, unless this run did it already.
+    pub fn update(&mut self) -> Result<()> {
+        if !self.updated {
+            announce("apt-get update");
+            cmd::run(Command::new("apt-get").args(["update", "-q"]), APT_HINT)?;
+            self.updated = true;
+        }
+        Ok(())
+    }
+
+    /// Whether this run has refreshed the package lists already (so a retry after one would not help).
+    pub fn is_updated(&self) -> bool {
+        self.updated
     }
 }
 
@@ -62,12 +74,19 @@ const HOST_TOOLS: [(&str, &str); 3] = [
 ];
 
 pub fn ensure_host_tools(apt: &mut Apt) -> Result<()> {
-    let missing: Vec<_> = HOST_TOOLS
+    ensure_programs(apt, "host tools", &HOST_TOOLS)
+}
+
+/// Installs the Debian package of every (program, package) whose program is not on PATH, then checks it arrived;
+/// `what` names the set in the progress line.
+pub fn ensure_programs(apt: &mut Apt, what: &str, tools: &[(&str, &str)]) -> Result<()> {
+    let missing: Vec<_> = tools
         .iter()
         .filter(|(program, _)| cmd::find_program(program).is_none())
         .collect();
     if missing.is_empty() {
-        announce("host tools present: ip, nft, nsenter");
+        let programs: Vec<&str> = tools.iter().map(|(program, _)| *program).collect();
+        announce(format!("{what} present: {}", programs.join(", ")));
         return Ok(());
     }
     let packages: Vec<&str> = missing.iter().map(|(_, package)| *package).collect();

@@ -10,6 +10,7 @@ mod image;
 mod manifests;
 mod steps;
 mod toolchain;
+mod vm;
 
 use std::{
     env,
@@ -57,6 +58,12 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Build, then run the datapath end-to-end tests inside a QEMU VM on Debian 12's Linux 6.1 (needs no KVM);
+    /// extra arguments go to the test binary (e.g. a test name filter).
+    Vm {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Build the static (musl) agent and its OCI image offline with buildah into target/image/nmi-agent.tar; prints
     /// the image digest.
     Image {
@@ -96,6 +103,7 @@ fn run(command: Command) -> Result<()> {
         Command::Test { quick } => steps::test(&root, quick),
         Command::Demo { args } => demo::run(&root, &args),
         Command::Bench { args } => bench::run(&root, &args),
+        Command::Vm { args } => vm::command(&root, &args),
         Command::Image { pin } => image::image(&root, pin),
     }
 }

@@ -15,7 +15,7 @@ use crate::{
     cmd::{self, announce},
     ebpf,
     host::{self, Apt},
-    image, manifests, toolchain,
+    image, manifests, toolchain, vm,
 };
 
 const TOTAL_STEPS: usize = 10;
@@ -82,6 +82,7 @@ pub fn test(root: &Path, quick: bool) -> Result<()> {
         }
         steps.skip("host tools", "--quick");
         steps.skip("end-to-end tests", "--quick");
+        steps.skip(vm::STEP, "--quick");
         steps.skip("image", "--quick");
         return steps.finish();
     }
@@ -100,13 +101,14 @@ pub fn test(root: &Path, quick: bool) -> Result<()> {
             );
         }
         steps.skip("end-to-end tests", "not root");
+        steps.skip(vm::STEP, "not root");
         steps.skip("image", "not root");
         return steps.finish();
     }
 
     let venv = artifacts::target_dir(root).join("pyenv");
+    let mut apt = Apt::default();
     let python = steps.run("host tools", || {
-        let mut apt = Apt::default();
         host::ensure_host_tools(&mut apt)?;
         host::ensure_python_clients(root, &venv, &mut apt)
     })?;
@@ -134,12 +136,14 @@ pub fn test(root: &Path, quick: bool) -> Result<()> {
             "an end-to-end test failed; its name and output are above",
         )
     })?;
+    // The same datapath tests on a second kernel, the oldest this project tests (see docs/kernels.md).
+    steps.run(vm::STEP, || vm::run(root, &built, &mut apt, &[]))?;
     // The release artefact itself: the static binary in the OCI image the DaemonSet pins by digest.
     steps.run("image", || image::image(root, false))?;
     steps.finish()
 }
 
-fn is_ci() -> bool {
+pub fn is_ci() -> bool {
     env::var("CI").is_ok_and(|value| value.eq_ignore_ascii_case("true") || value == "1")
 }
 
@@ -213,13 +217,13 @@ impl Steps {
             };
             let _ = writeln!(
                 table,
-                "  {name:<18} {result:<22} {:>9}",
+                "  {name:<26} {result:<22} {:>9}",
                 format_duration(*elapsed)
             );
         }
         let _ = writeln!(
             table,
-            "  {:<18} {:<22} {:>9}",
+            "  {:<26} {:<22} {:>9}",
             "total",
             "",
             format_duration(total)
