@@ -18,7 +18,7 @@ use crate::{
     image, manifests, toolchain, vm,
 };
 
-const TOTAL_STEPS: usize = 10;
+const TOTAL_STEPS: usize = 11;
 
 pub fn test(root: &Path, quick: bool) -> Result<()> {
     let mut steps = Steps::default();
