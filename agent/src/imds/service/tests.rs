@@ -585,22 +585,53 @@ impl tracing::field::Visit for Fields {
     }
 }
 
-impl<S: tracing::Subscriber> Layer<S> for Captured {
+thread_local! {
+    static CAPTURE: std::cell::RefCell<Option<Captured>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Hands `audit` events to the capture of the thread that emits them. It is the process's global subscriber, set
+/// once and enabling every callsite: a scoped subscriber (`set_default`) loses events when tests on other threads
+/// register callsites first, because tracing caches each callsite's interest process-wide.
+struct ToThreadCapture;
+
+impl<S: tracing::Subscriber> Layer<S> for ToThreadCapture {
     fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
-        if event.metadata().target() == "audit" {
-            let mut fields = Fields(BTreeMap::new());
-            event.record(&mut fields);
-            if let Ok(mut all) = self.0.lock() {
-                all.push(fields.0);
+        if event.metadata().target() != "audit" {
+            return;
+        }
+        CAPTURE.with(|c| {
+            if let Some(captured) = c.borrow().as_ref() {
+                let mut fields = Fields(BTreeMap::new());
+                event.record(&mut fields);
+                if let Ok(mut all) = captured.0.lock() {
+                    all.push(fields.0);
+                }
             }
+        });
+    }
+}
+
+/// Captures this thread's `audit` events until the guard drops.
+fn capture_audit() -> (Captured, impl Drop) {
+    static GLOBAL: std::sync::Once = std::sync::Once::new();
+    GLOBAL.call_once(|| {
+        let _ = tracing::subscriber::set_global_default(Registry::default().with(ToThreadCapture));
+    });
+    struct Release;
+    impl Drop for Release {
+        fn drop(&mut self) {
+            CAPTURE.with(|c| c.borrow_mut().take());
         }
     }
+    let captured = Captured::default();
+    CAPTURE.with(|c| *c.borrow_mut() = Some(captured.clone()));
+    (captured, Release)
 }
 
 #[tokio::test]
 async fn one_audit_event_per_token_decision() {
-    let captured = Captured::default();
-    let _guard = tracing::subscriber::set_default(Registry::default().with(captured.clone()));
+    // Current-thread runtime: the service emits its audit events on this thread.
+    let (captured, _guard) = capture_audit();
     let h = serving_token_a();
     let probe = Request::get(TOKEN_URI).body(()).expect("request");
     h.call(BOUND_ONE, probe).await;
