@@ -11,8 +11,14 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Run(args) => run::run(*args),
         Command::Uninstall(args) => datapath::uninstall(&args.pin_dir)
-            .map(|removed| {
-                if removed {
+            .map(|done| {
+                if !done.still_loaded.is_empty() {
+                    eprintln!(
+                        "nmi-agent: programs {:?} are unpinned but still loaded; the kernel detaches them shortly",
+                        done.still_loaded
+                    );
+                }
+                if done.removed {
                     println!("removed {}: interception is off", args.pin_dir.display());
                 } else {
                     println!("nothing pinned at {}", args.pin_dir.display());

@@ -23,7 +23,7 @@ pub use bpffs::ensure_bpffs;
 pub use error::DatapathError;
 pub use kernel_log::{KernelLog, forward_kernel_log};
 pub use maps::ConnLookup;
-pub use pins::{state_dir, uninstall};
+pub use pins::{Uninstalled, state_dir, uninstall};
 pub use sys::netns_cookie;
 
 use error::io;

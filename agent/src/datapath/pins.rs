@@ -8,10 +8,10 @@
 use std::{
     fs,
     path::{Path, PathBuf},
-    time::{SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use aya::programs::links::FdLink;
+use aya::programs::links::{FdLink, PinnedLink};
 use nmi_agent_ebpf::abi::LAYOUT_VERSION;
 
 use super::{
@@ -101,20 +101,66 @@ impl Pins {
 /// Removes every layout directory (`v<N>`) nmi-agent pinned under `pin_dir`, then `pin_dir` itself if that left it
 /// empty; the kernel detaches each program once its last link reference is gone. Nothing else under `pin_dir` is
 /// touched, so a mistaken `--pin-dir /sys/fs/bpf` cannot wipe other software's pins.
-pub fn uninstall(pin_dir: &Path) -> Result<bool, DatapathError> {
+pub fn uninstall(pin_dir: &Path) -> Result<Uninstalled, DatapathError> {
     if !pin_dir.exists() {
-        return Ok(false);
+        return Ok(Uninstalled::default());
     }
     let layouts: Vec<PathBuf> = list_dir(pin_dir)?
         .into_iter()
         .filter(|p| is_layout_dir(p))
+        .collect();
+    let programs: Vec<u32> = layouts
+        .iter()
+        .flat_map(|layout| list_dir(&layout.join("links")).unwrap_or_default())
+        .filter_map(|pin| linked_program(&pin))
         .collect();
     for layout in &layouts {
         fs::remove_dir_all(layout).map_err(io("removing", layout))?;
     }
     // Only if nothing else lives there; an error (not empty) is the answer, not a failure.
     let _ = fs::remove_dir(pin_dir);
-    Ok(!layouts.is_empty())
+    Ok(Uninstalled {
+        removed: !layouts.is_empty(),
+        still_loaded: wait_until_unloaded(&programs),
+    })
+}
+
+/// What `uninstall` did.
+#[derive(Debug, Default)]
+pub struct Uninstalled {
+    /// Pins were found and removed.
+    pub removed: bool,
+    /// Programs the kernel had not detached yet when `uninstall` stopped waiting (normally none).
+    pub still_loaded: Vec<u32>,
+}
+
+/// The id of the program a pinned link attaches, read before the pin goes.
+fn linked_program(pin: &Path) -> Option<u32> {
+    let link = FdLink::from(PinnedLink::from_pin(pin).ok()?);
+    let id = link.info().ok()?.program_id();
+    // Dropping `link` closes our own reference, so the pin is the last one.
+    Some(id)
+}
+
+/// How long `uninstall` waits for the kernel to detach what it unpinned.
+const DETACH_WAIT: Duration = Duration::from_secs(5);
+
+/// Removing a link's last pin does not detach it at once: the kernel frees the link from a workqueue, and only then
+/// detaches its program. Waiting for the programs themselves to go (they are freed after the detach) makes
+/// `uninstall`'s promise hold when it returns: pods reach IMDS directly again. Returns those still loaded at the
+/// deadline.
+fn wait_until_unloaded(programs: &[u32]) -> Vec<u32> {
+    let deadline = Instant::now() + DETACH_WAIT;
+    loop {
+        let loaded: Vec<u32> = aya::programs::loaded_programs()
+            .filter_map(|p| p.ok().map(|p| p.id()))
+            .filter(|id| programs.contains(id))
+            .collect();
+        if loaded.is_empty() || Instant::now() >= deadline {
+            return loaded;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 /// `v` followed by digits: the directories [`state_dir`] makes.
@@ -175,7 +221,7 @@ mod tests {
         fs::create_dir_all(pin_dir.join("someone-else")).expect("mkdir");
 
         assert!(
-            uninstall(&pin_dir).expect("uninstall"),
+            uninstall(&pin_dir).expect("uninstall").removed,
             "reported nothing removed"
         );
         assert!(!pin_dir.join("v1").exists() && !pin_dir.join("v2").exists());
@@ -186,8 +232,8 @@ mod tests {
 
         fs::remove_dir(pin_dir.join("someone-else")).expect("rmdir");
         fs::create_dir_all(pin_dir.join("v3")).expect("mkdir");
-        assert!(uninstall(&pin_dir).expect("uninstall"));
+        assert!(uninstall(&pin_dir).expect("uninstall").removed);
         assert!(!pin_dir.exists(), "an emptied pin dir stays");
-        assert!(!uninstall(&pin_dir).expect("uninstall of nothing"));
+        assert!(!uninstall(&pin_dir).expect("uninstall of nothing").removed);
     }
 }
