@@ -9,7 +9,7 @@
 //! after it, so a pinned map of an older layout is never reused.
 
 /// Bumped on any change to a map's key, value, type or size.
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// The Instance Metadata Service address every Azure SDK calls.
 pub const IMDS_ADDR: [u8; 4] = [169, 254, 169, 254];
@@ -56,16 +56,21 @@ pub enum Counter {
     /// A bind to the agent's own address and port, from an intercepted cgroup in the agent's network namespace
     /// (a hostNetwork pod trying to stand in for the agent while it restarts), refused.
     BindRefused = 5,
+    /// A redirected connection established under a 4-tuple that already had a record (a second socket with another
+    /// socket's source address: a spoofer). Neither is filed for it and the existing record is withdrawn, so the
+    /// agent refuses the connection instead of attesting it as the first socket's caller.
+    RecordCollided = 6,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 6] = [
+    pub const ALL: [Counter; 7] = [
         Counter::Redirected,
         Counter::Refused,
         Counter::EgressDropped,
         Counter::RecordFailed,
         Counter::Linked,
         Counter::BindRefused,
+        Counter::RecordCollided,
     ];
     pub const COUNT: u32 = Self::ALL.len() as u32;
 
@@ -77,6 +82,7 @@ impl Counter {
             Counter::RecordFailed => "record_failed",
             Counter::Linked => "linked",
             Counter::BindRefused => "bind_refused",
+            Counter::RecordCollided => "record_collided",
         }
     }
 
@@ -93,6 +99,9 @@ impl Counter {
             Counter::Linked => "redirected connections recorded under their 4-tuple",
             Counter::BindRefused => {
                 "binds to the agent's address by intercepted processes in its network namespace refused"
+            }
+            Counter::RecordCollided => {
+                "redirected connections whose 4-tuple already had another socket's record (refused by the agent)"
             }
         }
     }
@@ -226,6 +235,9 @@ pub struct RedirectConfig {
 pub struct ConnRecord {
     /// cgroup v2 id of the task that called connect (the inode number of its cgroup directory).
     pub cgroup_id: u64,
+    /// The socket that called connect: sock_ops files and removes a 4-tuple's record only for this socket, so another
+    /// socket with the same 4-tuple (a spoofed source address) can neither replace it nor delete it.
+    pub cookie: u64,
     /// The destination the caller asked for, before the rewrite.
     pub original: Endpoint4,
     /// The calling process (thread group id).

@@ -152,6 +152,24 @@ impl Agent {
         self.child.as_ref().map(Child::id)
     }
 
+    /// SIGSTOP: the kernel still completes handshakes into the agent's listen backlog, but the agent accepts (and
+    /// attests) nothing until [`Agent::resume`]. Widens the window between a client's connect and the agent's
+    /// lookup, which is where a forged or deleted record would change the verdict.
+    pub fn pause(&self) {
+        self.signal(rustix::process::Signal::STOP);
+    }
+
+    pub fn resume(&self) {
+        self.signal(rustix::process::Signal::CONT);
+    }
+
+    fn signal(&self, signal: rustix::process::Signal) {
+        let pid = self.pid().expect("the agent runs");
+        let pid = rustix::process::Pid::from_raw(pid as i32).expect("a child's pid is positive");
+        rustix::process::kill_process(pid, signal)
+            .unwrap_or_else(|e| panic!("signal {signal:?} to the agent: {e}"));
+    }
+
     /// SIGKILL, no chance to clean up: what a crash or an OOM kill looks like. Its pinned programs stay.
     pub fn kill9(&mut self) {
         if let Some(mut child) = self.child.take() {

@@ -175,7 +175,7 @@ impl Topology {
         self.cleanup.netns(&ns_name);
         let netns = Netns::create(&ns_name);
         let ip = Ipv4Addr::new(10, 213, (self.k % 256) as u8, n as u8);
-        let bridge = format!("ne{:x}br", self.k);
+        let bridge = self.bridge();
         let veth = format!("ne{:x}p{n}", self.k);
         assert!(veth.len() <= 15, "link name {veth} exceeds IFNAMSIZ");
         // Created in the node namespace with the peer born inside the pod's: no link ever exists in the root one.
@@ -200,6 +200,11 @@ impl Topology {
             netns,
             ip,
         }
+    }
+
+    /// The bridge's link name in the node namespace.
+    pub fn bridge(&self) -> String {
+        format!("ne{:x}br", self.k)
     }
 
     /// A workload in the *not intercepted* cgroup but inside `pod`'s network namespace: the control that shows

@@ -10,6 +10,7 @@ use std::net::SocketAddr;
 use std::thread;
 use std::time::Duration;
 
+use nmi_agent_e2e::netns::Netns;
 use nmi_agent_e2e::probe::Background;
 use nmi_agent_e2e::trap::{IMDS, TRAP_STATUS};
 use nmi_agent_e2e::wait::wait_until;
@@ -545,4 +546,183 @@ fn a_host_network_pod_cannot_bind_the_agents_port_by_any_spelling_of_its_address
         "nmi_kernel_bind_refused_total = {refused:?} after five refused binds"
     );
     assert_attested(&w.agent, &w.topo.pod_a, &w.topo.pod_a.probe_one(&["http"]));
+}
+
+/// Whether `netns` has a TCP socket in `state` (an `ss` state name) that matches the `ss` filter `filter`.
+fn has_socket(netns: &Netns, state: &str, filter: &[&str]) -> bool {
+    let mut ss = netns.command("ss");
+    ss.args(["-Htn", "state", state]).args(filter);
+    let out = ss.output().expect("run ss");
+    assert!(out.status.success(), "ss: {out:?}");
+    !out.stdout.is_empty()
+}
+
+#[test]
+fn a_pod_that_spoofs_another_pods_address_can_neither_take_nor_delete_its_record() {
+    let Some(w) = world("datapath::spoofed_record") else {
+        return;
+    };
+    // pod-b is root in its own namespace (as a container with NET_ADMIN is): with IP_TRANSPARENT it binds pod-a's
+    // address and port and connects, so its socket has the very 4-tuple of pod-a's connection to the agent. Its SYN
+    // reaches the agent, but the answers go to pod-a, the real owner of the address.
+    let (victim, spoofer) = (&w.topo.pod_a, &w.topo.pod_b);
+    // The spoofer either holds its socket while the agent attests pod-a's connection (a record filed at connect
+    // would replace pod-a's), or gives up and closes it first (a close deleting by 4-tuple would remove pod-a's).
+    for (port, spoofer_timeout, holds) in [(40_001, "3000", true), (40_002, "300", false)] {
+        let source = SocketAddr::from((victim.ip, port)).to_string();
+        // Paused, the agent leaves pod-a's connection in its backlog: the window between connect and attestation,
+        // made wide enough to act in.
+        w.agent.pause();
+        let victim_run = Background::spawn(&mut victim.probe_command(&[
+            "from",
+            "--source",
+            &source,
+            "--request",
+            "--timeout-ms",
+            "20000",
+        ]));
+        wait_for(
+            || has_socket(&w.topo.node, "established", &["dst", &source]),
+            "pod-a's connection is in the agent's backlog",
+        );
+        let spoof = Background::spawn(&mut spoofer.probe_command(&[
+            "from",
+            "--source",
+            &source,
+            "--transparent",
+            "--timeout-ms",
+            spoofer_timeout,
+        ]));
+        let spoofed = if holds {
+            wait_for(
+                || has_socket(&spoofer.netns, "syn-sent", &["src", &source]),
+                "the spoofer's SYN under pod-a's 4-tuple is out",
+            );
+            thread::sleep(Duration::from_millis(100));
+            w.agent.resume();
+            spoof.finish()
+        } else {
+            let spoofed = spoof.finish();
+            w.agent.resume();
+            spoofed
+        };
+        let victim_attempts = victim_run.finish();
+        let [v] = &victim_attempts[..] else {
+            panic!("the victim's probe reports one attempt: {victim_attempts:?}");
+        };
+        assert_attested(&w.agent, victim, v);
+        let [s] = &spoofed[..] else {
+            panic!("the spoofer's probe reports one attempt: {spoofed:?}");
+        };
+        assert!(
+            s.peer.is_none() && s.stage.as_deref() == Some("connect"),
+            "the spoofer connected under pod-a's 4-tuple: {s:?}"
+        );
+        let audits = w.agent.audits();
+        let for_source: Vec<&Audit> = audits
+            .iter()
+            .filter(|a| a.peer.to_string() == source)
+            .collect();
+        assert_eq!(for_source.len(), 1, "audits for {source}: {for_source:?}");
+    }
+    // The spoofer never completed a handshake, so it never filed a record, and nothing collided.
+    assert_eq!(
+        w.agent.metric("nmi_kernel_record_collided_total"),
+        Some(0.0)
+    );
+}
+
+/// `netns`'s `eth0` MAC address.
+fn mac_of_eth0(netns: &Netns) -> String {
+    let out = std::process::Command::new("ip")
+        .args(["-n", &netns.name, "-br", "link", "show", "eth0"])
+        .output()
+        .expect("run ip");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split_whitespace()
+        .nth(2)
+        .unwrap_or_else(|| panic!("no MAC in {text:?}"))
+        .to_string()
+}
+
+#[test]
+fn a_second_connection_under_a_recorded_4_tuple_is_refused_not_attested_as_the_first() {
+    let Some(w) = world("datapath::collided_record") else {
+        return;
+    };
+    let (victim, spoofer, node) = (&w.topo.pod_a, &w.topo.pod_b, &w.topo.node);
+    let source = SocketAddr::from((victim.ip, 40_003)).to_string();
+    // The agent's end of a connection it closed lingers for tcp_fin_timeout; shortened, so the 4-tuple is free at
+    // the agent soon while pod-a's end (and its record) stay.
+    let mut sysctl = node.command("sysctl");
+    sysctl.args(["-qw", "net.ipv4.tcp_fin_timeout=1"]);
+    nmi_agent_e2e::process::run_ok(&mut sysctl);
+
+    // pod-a is served, and keeps its end open after the agent closed its own (CLOSE_WAIT): its record stays filed.
+    let victim_run = Background::spawn(&mut victim.probe_command(&[
+        "from",
+        "--source",
+        &source,
+        "--request",
+        "--hold-ms",
+        "5000",
+    ]));
+    wait_for(
+        || has_socket(&victim.netns, "close-wait", &["src", &source]),
+        "pod-a was answered and holds its end open",
+    );
+    wait_for(
+        || !has_socket(node, "all", &["dst", &source]),
+        "the agent's end of pod-a's connection is gone",
+    );
+
+    // pod-b takes pod-a's address as its own and wins the node's ARP entry for it (as an ARP spoofer on a bridged
+    // CNI does), so it completes a handshake with the agent under pod-a's 4-tuple.
+    spoofer
+        .netns
+        .ip(&["addr", "add", &format!("{}/32", victim.ip), "dev", "lo"]);
+    node.ip(&[
+        "neigh",
+        "replace",
+        &victim.ip.to_string(),
+        "lladdr",
+        &mac_of_eth0(&spoofer.netns),
+        "dev",
+        &w.topo.bridge(),
+        "nud",
+        "permanent",
+    ]);
+    let spoofed = spoofer.probe(&["from", "--source", &source, "--request"]);
+    let [s] = &spoofed[..] else {
+        panic!("the spoofer's probe reports one attempt: {spoofed:?}");
+    };
+    assert!(
+        s.peer.is_some(),
+        "control: the spoofer did not connect: {s:?}"
+    );
+    assert!(
+        !s.answered(),
+        "the agent answered a connection whose 4-tuple had another socket's record: {s:?}"
+    );
+    let victim_attempts = victim_run.finish();
+    let [v] = &victim_attempts[..] else {
+        panic!("the victim's probe reports one attempt: {victim_attempts:?}");
+    };
+    assert!(v.ok && v.answered(), "pod-a was not served: {v:?}");
+
+    let audits = w.agent.wait_audits(2, Duration::from_secs(10));
+    let verdicts: Vec<(&str, Option<&str>)> = audits
+        .iter()
+        .filter(|a| a.peer.to_string() == source)
+        .map(|a| (a.verdict.as_str(), a.cgroup.as_deref()))
+        .collect();
+    assert_eq!(
+        verdicts,
+        [("attested", Some("/pod-a")), ("refused", None)],
+        "pod-a's connection, then the spoofer's under the same 4-tuple"
+    );
+    assert_eq!(
+        w.agent.metric("nmi_kernel_record_collided_total"),
+        Some(1.0)
+    );
 }

@@ -57,7 +57,13 @@ fn kernel_and_user_views_of_a_connection_agree() {
 fn layouts_have_no_implicit_padding() {
     assert_eq!(core::mem::size_of::<Endpoint4>(), 8);
     assert_eq!(core::mem::size_of::<ConnKey>(), 16);
-    assert_eq!(core::mem::size_of::<ConnRecord>(), 24);
+    assert_eq!(core::mem::size_of::<ConnRecord>(), 32);
+    // The agent and the kernel read the record's fields at these offsets; the padding is a named field, zeroed.
+    assert_eq!(core::mem::offset_of!(ConnRecord, cgroup_id), 0);
+    assert_eq!(core::mem::offset_of!(ConnRecord, cookie), 8);
+    assert_eq!(core::mem::offset_of!(ConnRecord, original), 16);
+    assert_eq!(core::mem::offset_of!(ConnRecord, tgid), 24);
+    assert_eq!(core::mem::offset_of!(ConnRecord, _pad), 28);
     assert_eq!(core::mem::size_of::<RedirectConfig>(), 16);
 }
 

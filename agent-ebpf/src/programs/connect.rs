@@ -60,6 +60,7 @@ pub fn connect4(ctx: &SockAddrContext) -> i32 {
     let cookie = socket_cookie(ctx);
     let record = ConnRecord {
         cgroup_id,
+        cookie,
         original,
         tgid: (bpf_get_current_pid_tgid() >> 32) as u32,
         _pad: 0,

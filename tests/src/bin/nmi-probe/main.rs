@@ -5,6 +5,8 @@
 //! nmi-probe http [--count N] [--concurrency C] [--addr A] [--duration-ms D] [--interval-ms I] [--timeout-ms T]
 //!                [--until-stdin-eof]
 //! nmi-probe connect [--addr A] [--timeout-ms T]
+//! nmi-probe from --source S [--transparent] [--request] [--hold-ms H] [--addr A] [--timeout-ms T]
+//!                                                     one TCP connection from S (`--transparent`: S need not be local)
 //! nmi-probe bind --addr A                            a TCP listener bound to A
 //! nmi-probe udp [--addr A] [--connect]
 //! nmi-probe v6mapped [--port P] [--timeout-ms T]     TCP over an IPv6 socket to [::ffff:169.254.169.254]:P
@@ -50,6 +52,8 @@ enum Mode {
         #[command(flatten)]
         timeout: Timeout,
     },
+    /// One TCP connection from a chosen source address and port.
+    From(tcp::FromArgs),
     /// A TCP listener bound to the address.
     Bind {
         #[command(flatten)]
@@ -106,6 +110,7 @@ fn main() {
     match Cli::parse().mode {
         Mode::Http(args) => tcp::http(&args),
         Mode::Connect { to, timeout } => emit(&tcp::connect("connect", to.addr, timeout.get())),
+        Mode::From(args) => emit(&tcp::from_source(&args)),
         Mode::Bind { to } => emit(&tcp::bind(to.addr)),
         Mode::V6mapped { port, timeout } => {
             let addr = SocketAddr::new(

@@ -1,4 +1,5 @@
-//! TCP attempts: token requests over HTTP (one, or a concurrent loop), a bare connect, and a bind.
+//! TCP attempts: token requests over HTTP (one, or a concurrent loop), a bare connect, a connection from a chosen
+//! source address (also one that is not the namespace's own), and a bind.
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -9,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 use nmi_agent_e2e::probe::Attempt;
+use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::report::{emit, timed};
 use crate::{Timeout, To};
@@ -85,18 +87,71 @@ fn http_once(addr: SocketAddr, timeout: Duration) -> Attempt {
         let mut s = TcpStream::connect_timeout(&addr, timeout).map_err(|e| ("connect", e))?;
         a.local = s.local_addr().ok();
         a.peer = s.peer_addr().ok();
-        s.write_all(REQUEST).map_err(|e| ("write", e))?;
-        let mut buf = Vec::new();
-        let read_result = read_to_end_by(&mut s, deadline, &mut buf);
-        // Whatever arrived before an error still says who answered.
-        if !buf.is_empty() {
-            let text = String::from_utf8_lossy(&buf);
-            a.status = text.lines().next().map(str::to_string);
-            if let Some((_, body)) = text.split_once("\r\n\r\n") {
-                a.body = Some(body.chars().take(512).collect());
-            }
+        exchange(&mut s, deadline, a)
+    })
+}
+
+/// Sends the token request and reads the answer into `a`, to EOF or until `deadline`.
+fn exchange(
+    s: &mut TcpStream,
+    deadline: Instant,
+    a: &mut Attempt,
+) -> Result<(), (&'static str, io::Error)> {
+    s.write_all(REQUEST).map_err(|e| ("write", e))?;
+    let mut buf = Vec::new();
+    let read_result = read_to_end_by(s, deadline, &mut buf);
+    // Whatever arrived before an error still says who answered.
+    if !buf.is_empty() {
+        let text = String::from_utf8_lossy(&buf);
+        a.status = text.lines().next().map(str::to_string);
+        if let Some((_, body)) = text.split_once("\r\n\r\n") {
+            a.body = Some(body.chars().take(512).collect());
         }
-        read_result.map_err(|e| ("read", e))
+    }
+    read_result.map_err(|e| ("read", e))
+}
+
+#[derive(Args)]
+pub struct FromArgs {
+    #[command(flatten)]
+    to: To,
+    /// The local address and port to bind.
+    #[arg(long)]
+    source: SocketAddr,
+    /// Allow a source address that is not this namespace's own (IP_TRANSPARENT; needs CAP_NET_ADMIN).
+    #[arg(long)]
+    transparent: bool,
+    /// Once connected, send the token request and read the answer.
+    #[arg(long)]
+    request: bool,
+    /// Keep the connection open this long before closing it.
+    #[arg(long = "hold-ms", value_name = "MS", default_value_t = 0)]
+    hold_ms: u64,
+    #[command(flatten)]
+    timeout: Timeout,
+}
+
+/// One TCP connection from `--source`. A connect that gets no answer keeps its socket (and its 4-tuple) in SYN_SENT
+/// until the timeout, then closes it.
+pub fn from_source(o: &FromArgs) -> Attempt {
+    timed("from", o.to.addr, |a| {
+        let deadline = Instant::now() + o.timeout.get();
+        let s = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))
+            .map_err(|e| ("socket", e))?;
+        if o.transparent {
+            s.set_ip_transparent_v4(true).map_err(|e| ("socket", e))?;
+        }
+        s.bind(&o.source.into()).map_err(|e| ("bind", e))?;
+        a.local = Some(o.source);
+        s.connect_timeout(&o.to.addr.into(), o.timeout.get())
+            .map_err(|e| ("connect", e))?;
+        let mut s = TcpStream::from(s);
+        a.peer = s.peer_addr().ok();
+        if o.request {
+            exchange(&mut s, deadline, a)?;
+        }
+        thread::sleep(Duration::from_millis(o.hold_ms));
+        Ok(())
     })
 }
 
