@@ -73,7 +73,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
     let own_id = cgroupfs::cgroup_id(&own)?;
 
     // Listen before attaching, so the first redirected connect already finds us.
-    // The health address is bound later, and retried for as long as it is taken: it must never stop the tokens.
+    // The health address is bound later and retried while it is taken: it must never stop the token service.
     let listener = server::bind(listen)?;
     let readiness = Arc::new(Readiness::default());
 
@@ -157,11 +157,12 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
     let mut metrics = Metrics::new();
     metrics.register_kernel(datapath);
     let metrics = Arc::new(metrics);
-    tokio::spawn(health::serve(
+    health::start(
         args.health_listen,
         Arc::clone(&readiness),
         Arc::clone(&metrics),
-    ));
+    )
+    .await;
 
     let service = Arc::new(service.with_metrics(Arc::clone(&metrics)));
     service.spawn_refresher();

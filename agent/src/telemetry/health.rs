@@ -18,11 +18,26 @@ use tokio::net::TcpListener;
 
 use super::{metrics::Metrics, readiness::Readiness};
 
-/// Binds `addr` (retrying until it can) and serves it.
-pub async fn serve(addr: SocketAddr, readiness: Arc<Readiness>, metrics: Arc<Metrics>) {
-    let Some(listener) = bind_retrying(addr, &metrics, RETRY).await else {
-        return;
-    };
+/// Serves the health address in the background. The first bind is tried before this returns, so that a free address
+/// answers by the time the agent says it is serving; a taken one is retried in the background (see [`RETRY`]).
+pub async fn start(addr: SocketAddr, readiness: Arc<Readiness>, metrics: Arc<Metrics>) {
+    let first = TcpListener::bind(addr)
+        .await
+        .inspect_err(|e| bind_failed(addr, e, Duration::ZERO, &metrics))
+        .ok();
+    tokio::spawn(async move {
+        let listener = match first {
+            Some(listener) => listener,
+            None => match bind_retrying(addr, &metrics, RETRY).await {
+                Some(listener) => listener,
+                None => return,
+            },
+        };
+        serve(listener, readiness, metrics).await;
+    });
+}
+
+async fn serve(listener: TcpListener, readiness: Arc<Readiness>, metrics: Arc<Metrics>) {
     loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
@@ -95,17 +110,7 @@ async fn bind_retrying(
 ) -> Option<TcpListener> {
     let bound = (|| TcpListener::bind(addr))
         .retry(policy)
-        .notify(|e, after| {
-            metrics.health_bind_failures.inc();
-            tracing::warn!(
-                health = %addr,
-                error = %e,
-                retry_in = ?after,
-                "cannot bind the health address; tokens are served meanwhile, but /healthz, /readyz and /metrics are \
-                 unavailable until it is bound: find what holds it (`ss -ltnp 'sport = :{}'`) or change --health-listen",
-                addr.port()
-            );
-        })
+        .notify(|e, after| bind_failed(addr, e, after, metrics))
         .await;
     let failures = metrics.health_bind_failures.get();
     match bound {
@@ -119,6 +124,19 @@ async fn bind_retrying(
             None
         }
     }
+}
+
+/// Logs (with what to do) and counts one failed attempt to bind the health address.
+fn bind_failed(addr: SocketAddr, error: &std::io::Error, retry_in: Duration, metrics: &Metrics) {
+    metrics.health_bind_failures.inc();
+    tracing::warn!(
+        health = %addr,
+        %error,
+        ?retry_in,
+        "cannot bind the health address; tokens are served meanwhile, but /healthz, /readyz and /metrics are \
+         unavailable until it is bound: find what holds it (`ss -ltnp 'sport = :{}'`) or change --health-listen",
+        addr.port()
+    );
 }
 
 #[cfg(test)]
