@@ -75,6 +75,15 @@ fn assert_attested(agent: &Agent, pod: &Pod, a: &Attempt) -> Audit {
     audit
 }
 
+/// The binds of `addrs` from `pod` that the bind guard did not refuse (with EPERM).
+fn binds_not_refused(pod: &Pod, addrs: &[String]) -> Vec<Attempt> {
+    addrs
+        .iter()
+        .map(|addr| pod.probe_one(&["bind", "--addr", addr]))
+        .filter(|a| a.ok || a.errno != Some(libc::EPERM))
+        .collect()
+}
+
 /// Polls `cond` for up to 10 s; panics naming `what` if it never holds.
 fn wait_for(cond: impl FnMut() -> bool, what: &str) {
     wait_until(Duration::from_secs(10), what, cond);
@@ -528,11 +537,7 @@ fn a_host_network_pod_cannot_bind_the_agents_port_by_any_spelling_of_its_address
             "control: a hostNetwork pod could not bind {addr}: {a:?}"
         );
     }
-    let bound: Vec<Attempt> = spellings(port)
-        .iter()
-        .map(|addr| hostnet.probe_one(&["bind", "--addr", addr]))
-        .filter(|a| a.ok || a.errno != Some(libc::EPERM))
-        .collect();
+    let bound = binds_not_refused(hostnet, &spellings(port));
     assert!(
         bound.is_empty(),
         "while the agent was down, a hostNetwork pod could bind its port: {bound:#?}"
@@ -570,11 +575,7 @@ fn the_health_port_is_guarded_and_a_held_health_port_never_stops_the_token_servi
         format!("[::]:{port}"),
         format!("[::ffff:127.0.0.1]:{port}"),
     ];
-    let bound: Vec<Attempt> = spellings
-        .iter()
-        .map(|addr| hostnet.probe_one(&["bind", "--addr", addr]))
-        .filter(|a| a.ok || a.errno != Some(libc::EPERM))
-        .collect();
+    let bound = binds_not_refused(hostnet, &spellings);
     assert!(
         bound.is_empty(),
         "while the agent was down, a hostNetwork pod could bind its health port: {bound:#?}"
