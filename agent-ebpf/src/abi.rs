@@ -53,8 +53,9 @@ pub enum Counter {
     RecordFailed = 3,
     /// A redirected connection's 4-tuple recorded for the agent to look up.
     Linked = 4,
-    /// A bind to the agent's own address and port, from an intercepted cgroup in the agent's network namespace
-    /// (a hostNetwork pod trying to stand in for the agent while it restarts), refused.
+    /// A bind to the agent's token or health address and port, from an intercepted cgroup in the agent's network
+    /// namespace (a hostNetwork pod trying to stand in for the agent, or to keep it from starting, while it restarts),
+    /// refused.
     BindRefused = 5,
     /// A redirected connection established under a 4-tuple that already had a record (a second socket with another
     /// socket's source address: a spoofer). Neither is filed for it and the existing record is withdrawn, so the
@@ -98,7 +99,7 @@ impl Counter {
             }
             Counter::Linked => "redirected connections recorded under their 4-tuple",
             Counter::BindRefused => {
-                "binds to the agent's address by intercepted processes in its network namespace refused"
+                "binds to the agent's token or health port by intercepted processes in its network namespace refused"
             }
             Counter::RecordCollided => {
                 "redirected connections whose 4-tuple already had another socket's record (refused by the agent)"
@@ -198,14 +199,17 @@ pub enum BindAddr {
 }
 
 /// Whether a socket bound to `addr` and `port` would receive the connects the kernel redirects to `agent`, so that
-/// whoever holds it could answer pods' token requests in the agent's place.
+/// whoever holds it could answer pods' token requests in the agent's place (or, for the health address, keep the
+/// agent from binding it).
 ///
 /// An IPv4 connect to the agent finds a listener on the agent's port bound to the agent's address or to the IPv4
 /// wildcard, and a dual-stack IPv6 socket is such a listener when bound to the IPv4-mapped form of either
 /// (`::ffff:0.0.0.0` *is* the IPv4 wildcard) or to `::`. A `::` socket with `IPV6_V6ONLY` takes no IPv4, but the
-/// hook cannot tell it from a dual-stack one; it is refused as well. An unset `agent` (no redirect yet) takes nothing.
+/// hook cannot tell it from a dual-stack one; it is refused as well. When the agent itself listens on the IPv4
+/// wildcard, every IPv4 address on its port collides with it. An agent endpoint without a port (unset: no redirect
+/// yet, or no IPv4 health address) takes nothing.
 pub fn bind_takes_agent_port(agent: Endpoint4, addr: BindAddr, port: u16) -> bool {
-    if agent.is_unset() || port != agent.port() {
+    if agent.port() == 0 || port != agent.port() {
         return false;
     }
     let ipv4 = match addr {
@@ -216,7 +220,7 @@ pub fn bind_takes_agent_port(agent: Endpoint4, addr: BindAddr, port: u16) -> boo
             None => return false,
         },
     };
-    ipv4 == [0; 4] || ipv4 == agent.addr
+    ipv4 == [0; 4] || agent.addr == [0; 4] || ipv4 == agent.addr
 }
 
 /// Where redirected connects go: the agent's token service, and the network namespace it listens in.
@@ -224,9 +228,20 @@ pub fn bind_takes_agent_port(agent: Endpoint4, addr: BindAddr, port: u16) -> boo
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RedirectConfig {
     pub target: Endpoint4,
-    /// The agent's network namespace cookie: binds to `target` from intercepted processes in that namespace are
-    /// refused, so nobody else can take the port while the agent is down.
+    /// The agent's network namespace cookie: binds to `target` or `health` from intercepted processes in that
+    /// namespace are refused, so nobody else can take those ports while the agent is down.
     pub netns_cookie: u64,
+    /// The agent's health listener (`/healthz`, `/readyz`, `/metrics`); unset when it is not an IPv4 address.
+    pub health: Endpoint4,
+}
+
+impl RedirectConfig {
+    /// Whether a bind to `addr` and `port` would take the token service's or the health listener's port (see
+    /// [`bind_takes_agent_port`]): the one decision the bind hooks make.
+    pub fn bind_takes_an_agent_port(&self, addr: BindAddr, port: u16) -> bool {
+        bind_takes_agent_port(self.target, addr, port)
+            || bind_takes_agent_port(self.health, addr, port)
+    }
 }
 
 /// What connect4 learned about a redirected socket, and what the agent needs to attest its caller.
@@ -260,7 +275,7 @@ mod pod {
 
     // SAFETY: `#[repr(C)]` byte arrays with explicit padding; every bit pattern is valid.
     unsafe impl aya::Pod for Endpoint4 {}
-    // SAFETY: `#[repr(C)]`, an `Endpoint4` and a u64, no implicit padding; every bit pattern is valid.
+    // SAFETY: `#[repr(C)]`, an `Endpoint4`, a u64 and an `Endpoint4`, no implicit padding; every bit pattern is valid.
     unsafe impl aya::Pod for RedirectConfig {}
     // SAFETY: `#[repr(C)]` integers and an `Endpoint4`, padding explicit; every bit pattern is valid.
     unsafe impl aya::Pod for ConnRecord {}

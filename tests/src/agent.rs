@@ -209,11 +209,17 @@ impl Agent {
 
     /// `GET path` on the health port, from inside the node namespace: (status code, body).
     pub fn health_get(&self, path: &str) -> (u16, String) {
+        self.try_health_get(path)
+            .unwrap_or_else(|e| panic!("GET {path} on the health port: {e}"))
+    }
+
+    /// [`Agent::health_get`], or why nothing answered (e.g. the agent has not bound its health address yet).
+    pub fn try_health_get(&self, path: &str) -> Result<(u16, String), String> {
         self.home.netns.run_in(|| {
             use std::io::{Read, Write};
             let addr = std::net::SocketAddr::from(([127, 0, 0, 1], HEALTH_PORT));
             let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))
-                .unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+                .map_err(|e| format!("connect {addr}: {e}"))?;
             stream
                 .set_read_timeout(Some(Duration::from_secs(2)))
                 .expect("read timeout");
@@ -222,16 +228,16 @@ impl Agent {
                     format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
                         .as_bytes(),
                 )
-                .unwrap_or_else(|e| panic!("send {path}: {e}"));
+                .map_err(|e| format!("send {path}: {e}"))?;
             let mut reply = String::new();
             let _ = stream.read_to_string(&mut reply);
             let status = reply
                 .split_whitespace()
                 .nth(1)
                 .and_then(|s| s.parse().ok())
-                .unwrap_or_else(|| panic!("no HTTP status in {reply:?}"));
+                .ok_or_else(|| format!("no HTTP status in {reply:?}"))?;
             let body = reply.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
-            (status, body)
+            Ok((status, body))
         })
     }
 }

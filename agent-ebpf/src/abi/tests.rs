@@ -64,7 +64,7 @@ fn layouts_have_no_implicit_padding() {
     assert_eq!(core::mem::offset_of!(ConnRecord, original), 16);
     assert_eq!(core::mem::offset_of!(ConnRecord, tgid), 24);
     assert_eq!(core::mem::offset_of!(ConnRecord, _pad), 28);
-    assert_eq!(core::mem::size_of::<RedirectConfig>(), 16);
+    assert_eq!(core::mem::size_of::<RedirectConfig>(), 24);
 }
 
 /// `user_ip6` as the kernel lays it out: the address's bytes in order, read four at a time in native order.
@@ -166,4 +166,87 @@ fn a_bind_to_any_other_address_leaves_the_agents_port_alone() {
             "{addr} on the agent's port"
         );
     }
+}
+
+#[test]
+fn an_agent_on_the_ipv4_wildcard_collides_with_every_ipv4_address_on_its_port() {
+    let agent = Endpoint4::new([0, 0, 0, 0], 9102);
+    for addr in [
+        "127.0.0.1",
+        "10.1.0.1",
+        "0.0.0.0",
+        "::",
+        "::ffff:0.0.0.0",
+        "::ffff:127.0.0.1",
+        "::ffff:a01:1",
+    ] {
+        assert!(
+            bind_takes_agent_port(agent, bind_addr(addr), 9102),
+            "{addr} on the agent's port"
+        );
+        assert!(
+            !bind_takes_agent_port(agent, bind_addr(addr), 9103),
+            "{addr}:9103"
+        );
+    }
+    // Plain IPv6 addresses never reach an IPv4 listener.
+    for addr in ["::1", "fe80::1", "::127.0.0.1"] {
+        assert!(
+            !bind_takes_agent_port(agent, bind_addr(addr), 9102),
+            "{addr} on the agent's port"
+        );
+    }
+}
+
+#[test]
+fn the_bind_hooks_guard_the_token_port_and_the_health_port_under_every_spelling() {
+    let config = RedirectConfig {
+        target: Endpoint4::new([10, 1, 0, 1], 2579),
+        netns_cookie: 1,
+        health: Endpoint4::new([127, 0, 0, 1], 9102),
+    };
+    // (address, port, refused)
+    let table: [(&str, u16, bool); 22] = [
+        // The token service's port: its address, the wildcard, their dual-stack spellings.
+        ("10.1.0.1", 2579, true),
+        ("0.0.0.0", 2579, true),
+        ("::", 2579, true),
+        ("::ffff:0.0.0.0", 2579, true),
+        ("::ffff:10.1.0.1", 2579, true),
+        ("127.0.0.1", 2579, false),
+        // The health port: loopback, the wildcard, and every IPv6 form that lands on them.
+        ("127.0.0.1", 9102, true),
+        ("0.0.0.0", 9102, true),
+        ("::", 9102, true),
+        ("0:0:0:0:0:0:0:0", 9102, true),
+        ("::ffff:0.0.0.0", 9102, true),
+        ("::ffff:0:0", 9102, true),
+        ("::ffff:127.0.0.1", 9102, true),
+        ("::ffff:7f00:1", 9102, true),
+        // Other addresses on the health port do not collide with a loopback listener.
+        ("127.0.0.2", 9102, false),
+        ("10.1.0.1", 9102, false),
+        ("::1", 9102, false),
+        ("::127.0.0.1", 9102, false),
+        ("::ffff:127.0.0.2", 9102, false),
+        // Other ports, and the kernel's "any port".
+        ("127.0.0.1", 9103, false),
+        ("0.0.0.0", 0, false),
+        ("::", 2580, false),
+    ];
+    for (addr, port, refused) in table {
+        assert_eq!(
+            config.bind_takes_an_agent_port(bind_addr(addr), port),
+            refused,
+            "{addr} port {port}"
+        );
+    }
+    // Without a health address (an IPv6 one, or a config from before it existed) only the token port is guarded.
+    let no_health = RedirectConfig {
+        health: Endpoint4::default(),
+        ..config
+    };
+    assert!(!no_health.bind_takes_an_agent_port(bind_addr("127.0.0.1"), 9102));
+    assert!(!no_health.bind_takes_an_agent_port(bind_addr("0.0.0.0"), 0));
+    assert!(no_health.bind_takes_an_agent_port(bind_addr("0.0.0.0"), 2579));
 }

@@ -1,8 +1,9 @@
 //! `cgroup/bind4` and `cgroup/bind6`: while the agent is down, every redirected connect still goes to its address.
 //! A hostNetwork pod shares the agent's network namespace and could bind that address and port first, then answer
-//! pods' token requests itself. Binds that would take it, under any spelling (see
-//! [`bind_takes_agent_port`]), from intercepted processes in the agent's namespace are refused; pods in their own
-//! namespaces may use the port freely.
+//! pods' token requests itself; or bind the agent's health address, so that the restarted agent could not serve its
+//! probes. Binds that would take either, under any spelling (see
+//! [`crate::abi::RedirectConfig::bind_takes_an_agent_port`]), from intercepted processes in the agent's namespace
+//! are refused; pods in their own namespaces may use the ports freely.
 
 use aya_ebpf::{
     EbpfContext, bindings::bpf_sock_addr, helpers::generated::bpf_get_netns_cookie,
@@ -14,7 +15,7 @@ use super::{
     ALLOW, REJECT,
     maps::{NMI_CONFIG, count, intercepted_caller},
 };
-use crate::abi::{BindAddr, Counter, Endpoint4, bind_takes_agent_port};
+use crate::abi::{BindAddr, Counter, Endpoint4};
 
 #[inline(always)]
 pub fn bind4(ctx: &SockAddrContext) -> i32 {
@@ -34,13 +35,13 @@ pub fn bind6(ctx: &SockAddrContext) -> i32 {
     guard(ctx, BindAddr::V6(user_ip6), port)
 }
 
-/// Refuses the bind if it would take the agent's address and port in the agent's own namespace.
+/// Refuses the bind if it would take the agent's token or health port in the agent's own namespace.
 #[inline(always)]
 fn guard(ctx: &SockAddrContext, addr: BindAddr, port: u16) -> i32 {
     let Some(config) = NMI_CONFIG.get(0) else {
         return ALLOW;
     };
-    if !bind_takes_agent_port(config.target, addr, port) {
+    if !config.bind_takes_an_agent_port(addr, port) {
         return ALLOW;
     }
     // SAFETY: the helper takes this program's own context pointer, valid for the program's run.

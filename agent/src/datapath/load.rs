@@ -53,6 +53,7 @@ pub fn configure(ebpf: &mut Ebpf, opts: &Options) -> Result<(), DatapathError> {
             RedirectConfig {
                 target: opts.redirect.into(),
                 netns_cookie: opts.netns_cookie,
+                health: opts.health.map(Into::into).unwrap_or_default(),
             },
             0,
         )

@@ -41,8 +41,11 @@ pub struct Options {
     pub redirect: SocketAddrV4,
     /// cgroup ids that are never intercepted (the agent's own).
     pub exempt: Vec<u64>,
-    /// The network namespace the agent listens in (its cookie): intercepted processes there may not bind `redirect`.
+    /// The network namespace the agent listens in (its cookie): intercepted processes there may not bind `redirect`
+    /// or `health`.
     pub netns_cookie: u64,
+    /// The health listener's address, guarded like `redirect` (an IPv6 one is not guarded).
+    pub health: Option<SocketAddrV4>,
 }
 
 /// The loaded, attached and pinned datapath.

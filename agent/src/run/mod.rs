@@ -2,7 +2,10 @@
 
 mod signals;
 
-use std::sync::{Arc, atomic::Ordering};
+use std::{
+    net::SocketAddr,
+    sync::{Arc, atomic::Ordering},
+};
 
 use anyhow::{Context, bail};
 
@@ -70,10 +73,8 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
     let own_id = cgroupfs::cgroup_id(&own)?;
 
     // Listen before attaching, so the first redirected connect already finds us.
+    // The health address is bound later and retried while it is taken: it must never stop the token service.
     let listener = server::bind(listen)?;
-    let health_listener = health::bind(args.health_listen)
-        .await
-        .map_err(anyhow::Error::msg)?;
     let readiness = Arc::new(Readiness::default());
 
     // Bindings before the kernel: a bad bindings file or an unreachable API configuration fails before anything is
@@ -123,6 +124,13 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
             tracing::warn!(error = %e, "no network namespace cookie (needs Linux >= 5.14): binds to the agent's port are not guarded");
             0
         }),
+        health: match args.health_listen {
+            SocketAddr::V4(health) => Some(health),
+            SocketAddr::V6(health) => {
+                tracing::warn!(%health, "an IPv6 --health-listen is not guarded: a hostNetwork pod could hold it while the agent restarts; prefer an IPv4 address");
+                None
+            }
+        },
     };
     let mut datapath = tokio::task::spawn_blocking(move || Datapath::start(&opts))
         .await
@@ -149,11 +157,12 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
     let mut metrics = Metrics::new();
     metrics.register_kernel(datapath);
     let metrics = Arc::new(metrics);
-    tokio::spawn(health::serve(
-        health_listener,
+    health::start(
+        args.health_listen,
         Arc::clone(&readiness),
         Arc::clone(&metrics),
-    ));
+    )
+    .await;
 
     let service = Arc::new(service.with_metrics(Arc::clone(&metrics)));
     service.spawn_refresher();

@@ -1,8 +1,13 @@
 //! `/healthz`, `/readyz` and `/metrics` on the health address (loopback by default): the HTTP side only; what
 //! `/readyz` checks is kept in [`super::readiness`].
+//!
+//! The health listener is never allowed to stop the token service: when its address is taken (another process on a
+//! shared host network holds it) or cannot be bound, the failure is logged and counted, and binding is retried with
+//! backoff for as long as it takes, while tokens are served.
 
-use std::{convert::Infallible, net::SocketAddr, sync::Arc};
+use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
 
+use backon::{ExponentialBuilder, Retryable};
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{
@@ -13,7 +18,26 @@ use tokio::net::TcpListener;
 
 use super::{metrics::Metrics, readiness::Readiness};
 
-pub async fn serve(listener: TcpListener, readiness: Arc<Readiness>, metrics: Arc<Metrics>) {
+/// Serves the health address in the background. The first bind is tried before this returns, so that a free address
+/// answers by the time the agent says it is serving; a taken one is retried in the background (see [`RETRY`]).
+pub async fn start(addr: SocketAddr, readiness: Arc<Readiness>, metrics: Arc<Metrics>) {
+    let first = TcpListener::bind(addr)
+        .await
+        .inspect_err(|e| bind_failed(addr, e, Duration::ZERO, &metrics))
+        .ok();
+    tokio::spawn(async move {
+        let listener = match first {
+            Some(listener) => listener,
+            None => match bind_retrying(addr, &metrics, RETRY).await {
+                Some(listener) => listener,
+                None => return,
+            },
+        };
+        serve(listener, readiness, metrics).await;
+    });
+}
+
+async fn serve(listener: TcpListener, readiness: Arc<Readiness>, metrics: Arc<Metrics>) {
     loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
@@ -69,9 +93,51 @@ fn route(path: &str, readiness: &Readiness, metrics: &Metrics) -> Response<Full<
     }
 }
 
-/// Binds the health address, with a message that says which flag to change.
-pub async fn bind(addr: SocketAddr) -> Result<TcpListener, String> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|e| format!("binding the health address {addr}: {e} (change --health-listen)"))
+/// How binding the health address is retried: soon at first (a restarted agent's predecessor may still be closing),
+/// then every ten seconds or so, without end.
+const RETRY: ExponentialBuilder = ExponentialBuilder::new()
+    .with_min_delay(Duration::from_millis(100))
+    .with_max_delay(Duration::from_secs(10))
+    .with_jitter()
+    .without_max_times();
+
+/// Binds the health address, retrying per `policy`; every failure is logged (with what to do) and counted in
+/// `nmi_health_listener_bind_failures_total`. `None` only if `policy` gives up.
+async fn bind_retrying(
+    addr: SocketAddr,
+    metrics: &Metrics,
+    policy: ExponentialBuilder,
+) -> Option<TcpListener> {
+    let bound = (|| TcpListener::bind(addr))
+        .retry(policy)
+        .notify(|e, after| bind_failed(addr, e, after, metrics))
+        .await;
+    let failures = metrics.health_bind_failures.get();
+    match bound {
+        Ok(listener) if failures > 0 => {
+            tracing::info!(health = %addr, failures, "health address bound after failed attempts");
+            Some(listener)
+        }
+        Ok(listener) => Some(listener),
+        Err(e) => {
+            tracing::error!(health = %addr, error = %e, "gave up binding the health address; change --health-listen");
+            None
+        }
+    }
 }
+
+/// Logs (with what to do) and counts one failed attempt to bind the health address.
+fn bind_failed(addr: SocketAddr, error: &std::io::Error, retry_in: Duration, metrics: &Metrics) {
+    metrics.health_bind_failures.inc();
+    tracing::warn!(
+        health = %addr,
+        %error,
+        ?retry_in,
+        "cannot bind the health address; tokens are served meanwhile, but /healthz, /readyz and /metrics are \
+         unavailable until it is bound: find what holds it (`ss -ltnp 'sport = :{}'`) or change --health-listen",
+        addr.port()
+    );
+}
+
+#[cfg(test)]
+mod tests;

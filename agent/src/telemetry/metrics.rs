@@ -60,6 +60,8 @@ pub struct Metrics {
     pub upstream_errors: Family<StatusLabels, Counter>,
     pub attestation_failures: Family<ReasonLabels, Counter>,
     pub bindings_loaded: Gauge,
+    /// Failed attempts to bind the health address (it was taken, or not an address of this host).
+    pub health_bind_failures: Counter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -78,6 +80,7 @@ impl Metrics {
         let upstream_errors = Family::<StatusLabels, Counter>::default();
         let attestation_failures = Family::<ReasonLabels, Counter>::default();
         let bindings_loaded = Gauge::default();
+        let health_bind_failures = Counter::default();
         registry.register(
             "token_requests",
             "Token requests by outcome and cache result",
@@ -108,6 +111,11 @@ impl Metrics {
             "Identity bindings currently loaded",
             bindings_loaded.clone(),
         );
+        registry.register(
+            "health_listener_bind_failures",
+            "Failed attempts to bind the health address before it was bound (the token service ran meanwhile)",
+            health_bind_failures.clone(),
+        );
         Metrics {
             registry,
             token_requests,
@@ -116,6 +124,7 @@ impl Metrics {
             upstream_errors,
             attestation_failures,
             bindings_loaded,
+            health_bind_failures,
         }
     }
 
