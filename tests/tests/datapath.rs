@@ -10,8 +10,8 @@ use std::net::SocketAddr;
 use std::thread;
 use std::time::Duration;
 
-use nmi_agent_e2e::netns::Netns;
 use nmi_agent_e2e::agent::HEALTH_PORT;
+use nmi_agent_e2e::netns::Netns;
 use nmi_agent_e2e::probe::Background;
 use nmi_agent_e2e::trap::{IMDS, TRAP_STATUS};
 use nmi_agent_e2e::wait::wait_until;
@@ -554,6 +554,71 @@ fn a_host_network_pod_cannot_bind_the_agents_port_by_any_spelling_of_its_address
     assert_attested(&w.agent, &w.topo.pod_a, &w.topo.pod_a.probe_one(&["http"]));
 }
 
+#[test]
+fn the_health_port_is_guarded_and_a_held_health_port_never_stops_the_token_service() {
+    let Some(mut w) = world("datapath::health_port") else {
+        return;
+    };
+    let port = HEALTH_PORT;
+    w.agent.kill9();
+    let hostnet = &w.topo.hostnet;
+
+    // A hostNetwork pod holding the health address while the agent restarts would keep it from starting: every
+    // spelling that collides with the agent's 127.0.0.1 listener is refused. Control: one port over, it binds.
+    let control = hostnet.probe_one(&["bind", "--addr", &format!("127.0.0.1:{}", port + 1)]);
+    assert!(
+        control.ok,
+        "control: a hostNetwork pod could not bind: {control:?}"
+    );
+    let spellings = [
+        format!("127.0.0.1:{port}"),
+        format!("0.0.0.0:{port}"),
+        format!("[::]:{port}"),
+        format!("[::ffff:127.0.0.1]:{port}"),
+    ];
+    let bound = binds_not_refused(hostnet, &spellings);
+    assert!(
+        bound.is_empty(),
+        "while the agent was down, a hostNetwork pod could bind its health port: {bound:#?}"
+    );
+
+    // What the guard cannot reach (a process outside the intercepted subtree, here the test itself in the node
+    // namespace) may still hold the port: the agent starts anyway and serves tokens without its health listener.
+    let held = w
+        .topo
+        .node
+        .run_in(|| std::net::TcpListener::bind(("127.0.0.1", port)))
+        .expect("the test binds the health port in the node namespace");
+    w.agent.restart();
+    assert_attested(&w.agent, &w.topo.pod_a, &w.topo.pod_a.probe_one(&["http"]));
+    let warned = w.agent.logs().iter().any(|v| {
+        v["level"] == "WARN"
+            && v["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("cannot bind the health address"))
+    });
+    assert!(warned, "no warning that the health address is taken");
+
+    // Once the port is free, the agent takes it, and says on /metrics that it had to retry.
+    drop(held);
+    wait_until(
+        Duration::from_secs(30),
+        "the agent's /healthz answers once the port is free",
+        || matches!(w.agent.try_health_get("/healthz"), Ok((200, _))),
+    );
+    let failures = w.agent.metric("nmi_health_listener_bind_failures_total");
+    assert!(
+        failures.is_some_and(|n| n >= 1.0),
+        "nmi_health_listener_bind_failures_total = {failures:?} after the port was held"
+    );
+    let refused = w.agent.metric("nmi_kernel_bind_refused_total");
+    assert!(
+        refused.is_some_and(|n| n >= spellings.len() as f64),
+        "nmi_kernel_bind_refused_total = {refused:?} after {} refused binds",
+        spellings.len()
+    );
+}
+
 /// Whether `netns` has a TCP socket in `state` (an `ss` state name) that matches the `ss` filter `filter`.
 fn has_socket(netns: &Netns, state: &str, filter: &[&str]) -> bool {
     let mut ss = netns.command("ss");
@@ -730,67 +795,5 @@ fn a_second_connection_under_a_recorded_4_tuple_is_refused_not_attested_as_the_f
     assert_eq!(
         w.agent.metric("nmi_kernel_record_collided_total"),
         Some(1.0)
-#[test]
-fn the_health_port_is_guarded_and_a_held_health_port_never_stops_the_token_service() {
-    let Some(mut w) = world("datapath::health_port") else {
-        return;
-    };
-    let port = HEALTH_PORT;
-    w.agent.kill9();
-    let hostnet = &w.topo.hostnet;
-
-    // A hostNetwork pod holding the health address while the agent restarts would keep it from starting: every
-    // spelling that collides with the agent's 127.0.0.1 listener is refused. Control: one port over, it binds.
-    let control = hostnet.probe_one(&["bind", "--addr", &format!("127.0.0.1:{}", port + 1)]);
-    assert!(
-        control.ok,
-        "control: a hostNetwork pod could not bind: {control:?}"
-    );
-    let spellings = [
-        format!("127.0.0.1:{port}"),
-        format!("0.0.0.0:{port}"),
-        format!("[::]:{port}"),
-        format!("[::ffff:127.0.0.1]:{port}"),
-    ];
-    let bound = binds_not_refused(hostnet, &spellings);
-    assert!(
-        bound.is_empty(),
-        "while the agent was down, a hostNetwork pod could bind its health port: {bound:#?}"
-    );
-
-    // What the guard cannot reach (a process outside the intercepted subtree, here the test itself in the node
-    // namespace) may still hold the port: the agent starts anyway and serves tokens without its health listener.
-    let held = w
-        .topo
-        .node
-        .run_in(|| std::net::TcpListener::bind(("127.0.0.1", port)))
-        .expect("the test binds the health port in the node namespace");
-    w.agent.restart();
-    assert_attested(&w.agent, &w.topo.pod_a, &w.topo.pod_a.probe_one(&["http"]));
-    let warned = w.agent.logs().iter().any(|v| {
-        v["level"] == "WARN"
-            && v["message"]
-                .as_str()
-                .is_some_and(|m| m.starts_with("cannot bind the health address"))
-    });
-    assert!(warned, "no warning that the health address is taken");
-
-    // Once the port is free, the agent takes it, and says on /metrics that it had to retry.
-    drop(held);
-    wait_until(
-        Duration::from_secs(30),
-        "the agent's /healthz answers once the port is free",
-        || matches!(w.agent.try_health_get("/healthz"), Ok((200, _))),
-    );
-    let failures = w.agent.metric("nmi_health_listener_bind_failures_total");
-    assert!(
-        failures.is_some_and(|n| n >= 1.0),
-        "nmi_health_listener_bind_failures_total = {failures:?} after the port was held"
-    );
-    let refused = w.agent.metric("nmi_kernel_bind_refused_total");
-    assert!(
-        refused.is_some_and(|n| n >= spellings.len() as f64),
-        "nmi_kernel_bind_refused_total = {refused:?} after {} refused binds",
-        spellings.len()
     );
 }
