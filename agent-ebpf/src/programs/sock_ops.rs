@@ -78,7 +78,7 @@ fn on_established(ctx: &SockOpsContext) {
             // owner's connection is refused, never attested as the spoofer or the spoofer as the owner). The owner's
             // close later finds no record, or one without its cookie, and leaves it.
             count(Counter::RecordCollided);
-            let _ = NMI_CONNS.remove(&key);
+            let _ = NMI_CONNS.remove(key);
         }
         // No record: the agent refuses the connection.
         Err(_) => count(Counter::RecordFailed),
@@ -91,16 +91,16 @@ fn on_close(ctx: &SockOpsContext) {
         return;
     }
     let cookie = socket_cookie(ctx);
-    let _ = NMI_SOCKETS.remove(&cookie);
+    let _ = NMI_SOCKETS.remove(cookie);
     let key = key(ctx);
     // SAFETY: copied out at once; a concurrent update or eviction can only make the copy stale, not invalid.
-    let filed_by_us = unsafe { NMI_CONNS.get(&key) }.is_some_and(|r| r.cookie == cookie);
+    let filed_by_us = unsafe { NMI_CONNS.get(key) }.is_some_and(|r| r.cookie == cookie);
     // Lookup and delete are two steps, but the record cannot change hands between them: records are never
     // overwritten (BPF_NOEXIST), only this socket's close removes its own, and this callback runs before the kernel
     // unhashes the socket (tcp_set_state calls it first), so no other socket in this network namespace can hold the
     // 4-tuple yet. A record filed in between would have to come from a socket spoofing this address from another
     // namespace; deleting that one refuses the spoofer's connection, which is the safe side.
     if filed_by_us {
-        let _ = NMI_CONNS.remove(&key);
+        let _ = NMI_CONNS.remove(key);
     }
 }
