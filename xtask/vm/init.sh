@@ -2,7 +2,7 @@
 # PID 1 of the VM that `cargo xtask vm` boots (xtask/src/vm.rs). It sets up what a systemd host provides and the
 # tests rely on (proc, sys, dev, tmpfs /tmp and /run, cgroup v2, bpffs, module autoloading), runs the test binary
 # with the environment in /nmi/env and the arguments in /nmi/test-args, prints `nmi-vm: exit <code>` for xtask, and
-# powers off. Only busybox applets are called here; `ip` and `nft` are the host's, found on PATH by the tests.
+# powers off. Only busybox applets are called here; `ip`, `nft` and `ss` are the host's, found on PATH by the tests.
 
 /nmi/busybox mkdir -p /nmi/applets
 /nmi/busybox --install -s /nmi/applets

@@ -1,5 +1,5 @@
 //! The guest's whole filesystem: an initramfs holding busybox, the test binaries, the host programs the tests run
-//! (`ip`, `nft`) with the shared libraries they load, the kernel modules the tests' networking needs, and
+//! (`ip`, `nft`, `ss`) with the shared libraries they load, the kernel modules the tests' networking needs, and
 //! `xtask/vm/init.sh` as `/init`.
 //!
 //! Why not share the host's root over 9p or virtiofs: Debian's cloud kernel has no 9p, virtiofs would need a
@@ -23,18 +23,22 @@ use crate::cmd;
 /// PID 1 of the guest.
 const INIT: &str = include_str!("../../vm/init.sh");
 
-/// Host programs the tests start by name; the guest finds them on PATH where the host has them.
-const PROGRAMS: [&str; 2] = ["ip", "nft"];
+/// Host programs the tests start by name; the guest finds them on PATH where the host has them. `ss` lists sockets
+/// (the record tests wait for a connection to sit in the agent's backlog).
+const PROGRAMS: [&str; 3] = ["ip", "nft", "ss"];
 
 /// Module subtrees (relative to `lib/modules/<release>`) the tests' topologies need: veth and bridge links, and
 /// nftables for the trap counter. All of netfilter rather than the handful the trap loads today, so that a test adding
-/// an nft rule does not fail on a module missing from the image; dependencies outside these trees are added.
-const MODULE_TREES: [&str; 5] = [
+/// an nft rule does not fail on a module missing from the image; dependencies outside these trees are added. The
+/// socket-diagnostics modules answer `ss`.
+const MODULE_TREES: [&str; 7] = [
     "kernel/net/netfilter/",
     "kernel/net/ipv4/netfilter/",
     "kernel/net/ipv6/netfilter/",
     "kernel/net/bridge/",
     "kernel/drivers/net/veth.ko",
+    "kernel/net/ipv4/inet_diag.ko",
+    "kernel/net/ipv4/tcp_diag.ko",
 ];
 
 /// Where the guest finds what xtask put there (the init script reads these paths too).
