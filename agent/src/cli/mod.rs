@@ -1,5 +1,5 @@
 //! The command line: a contract, documented in docs/configuration.md. Every flag also reads an `NMI_AGENT_*`
-//! environment variable. What clap cannot check on its own is checked next to it ([`listen`]).
+//! environment variable. What clap cannot check on its own is checked next to it (`listen.rs`).
 
 mod listen;
 

@@ -1,11 +1,11 @@
 //! The only code that touches aya: load the kernel programs, attach them to the intercepted cgroup, pin them so they
 //! outlive the agent, and read the maps they fill.
 //!
-//! - [`load`]: open the eBPF object, configure it, attach each program.
-//! - [`pins`]: the pin directory's layout, make-before-break replacement of the links, `uninstall`.
-//! - [`maps`]: the redirect records ([`ConnLookup`]), counters and occupancy.
-//! - [`sys`]: the netns cookie and the memlock limit; [`bpffs`]: the bpf filesystem the pins need.
-//! - [`kernel_log`]: the programs' own log records.
+//! - `load`: open the eBPF object, configure it, attach each program.
+//! - `pins`: the pin directory's layout, make-before-break replacement of the links, `uninstall`.
+//! - `maps`: the redirect records ([`ConnLookup`]), counters and occupancy.
+//! - `sys`: the netns cookie and the memlock limit; `bpffs`: the bpf filesystem the pins need.
+//! - `kernel_log`: the programs' own log records.
 
 mod bpffs;
 mod error;

@@ -2,8 +2,8 @@
 //! On shutdown it stops accepting and lets requests in flight finish, for a bounded time.
 //!
 //! - this file: the listener, the accept loop and the drain;
-//! - [`connection`]: one connection, from attestation to its last response;
-//! - [`imds_handler`]: the IMDS service as the [`Handler`] of attested requests.
+//! - `connection`: one connection, from attestation to its last response;
+//! - `imds_handler`: the IMDS service as the [`Handler`] of attested requests.
 
 mod connection;
 mod imds_handler;
