@@ -688,7 +688,7 @@ async fn one_audit_event_per_token_decision() {
     );
 }
 
-/// The real hyper upstream against the in-process IMDS emulator of the e2e crate: tokens, single-flight, retries on
+/// The real hyper upstream against the in-process IMDS emulator (`nmi_testkit`): tokens, single-flight, retries on
 /// faults, pass-through, forwarding, and IMDS going away.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn against_the_imds_emulator() {
