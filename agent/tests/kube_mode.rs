@@ -3,8 +3,8 @@
 
 use std::{
     future::Future,
-    net::{Ipv4Addr, SocketAddrV4},
-    path::PathBuf,
+    net::{IpAddr, Ipv4Addr, SocketAddrV4},
+    path::{Path, PathBuf},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -13,7 +13,7 @@ use nmi_agent::{
     attest::Attestation,
     identity::{
         Binding, BindingSource, IdentityKind, Resolve, SecretRef, SecretStore,
-        kube::{KubeConfig, KubeSecrets, KubeSource, MAX_POD_WAIT},
+        kube::{KubeConfig, KubeSecrets, KubeSource, MAX_POD_WAIT, SourceCheck},
     },
 };
 use nmi_testkit::fake_apiserver::FakeApiServer;
@@ -24,6 +24,20 @@ const ORDERS_ID: &str = "11111111-1111-1111-1111-111111111111";
 const PAYMENTS_ID: &str = "22222222-2222-2222-2222-222222222222";
 const CID: &str = "4c2b0c6f0d8a5bcf27d1e9d4b0f3f9a36f5e2d1c0b9a8f7e6d5c4b3a2f1e0d9c";
 
+/// The address the pods' connections come from, and the one their `status.podIP` says.
+const POD_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 7);
+
+/// Resolution as the agent does it for a connection from [`POD_IP`].
+trait ResolveFromPodIp {
+    async fn resolve_cgroup(&self, cgroup: Option<&Path>) -> Binding;
+}
+
+impl ResolveFromPodIp for KubeSource {
+    async fn resolve_cgroup(&self, cgroup: Option<&Path>) -> Binding {
+        self.resolve_caller(cgroup, IpAddr::V4(POD_IP)).await
+    }
+}
+
 fn client(server: &FakeApiServer) -> kube::Client {
     let url = server.url().parse().expect("server url");
     kube::Client::try_from(kube::Config::new(url)).expect("kube client")
@@ -32,6 +46,10 @@ fn client(server: &FakeApiServer) -> kube::Client {
 async fn source(server: &FakeApiServer, cluster_wide: bool) -> KubeSource {
     let mut config = KubeConfig::new(NODE);
     config.cluster_wide = cluster_wide;
+    source_with(server, config).await
+}
+
+async fn source_with(server: &FakeApiServer, config: KubeConfig) -> KubeSource {
     let src = KubeSource::start(client(server), config).expect("start");
     tokio::time::timeout(Duration::from_secs(10), src.wait_ready())
         .await
@@ -57,7 +75,7 @@ fn pod(ns: &str, name: &str, uid: &str, node: &str, labels: Value) -> Value {
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": name, "namespace": ns, "uid": uid, "labels": labels},
         "spec": {"nodeName": node, "containers": [{"name": "app", "image": "app"}]},
-        "status": {"phase": "Running"}
+        "status": {"phase": "Running", "podIP": POD_IP.to_string(), "podIPs": [{"ip": POD_IP.to_string()}]}
     })
 }
 
@@ -90,7 +108,7 @@ fn exception(ns: &str, name: &str, labels: Value) -> Value {
 
 fn caller(cgroup: PathBuf) -> Attestation {
     Attestation {
-        peer: SocketAddrV4::new(Ipv4Addr::new(10, 244, 0, 7), 40000),
+        peer: SocketAddrV4::new(POD_IP, 40000),
         cgroup_id: 4242,
         cgroup: Some(cgroup),
         pid: 1,
@@ -547,4 +565,132 @@ fn client_for_empty_node() -> kube::Client {
         "http://127.0.0.1:1".parse().expect("url"),
     ))
     .expect("client")
+}
+
+/// A pod that speaks from another pod's address (a secondary address on its own interface, `IP_TRANSPARENT`) is
+/// refused even though the kernel attested its cgroup; `audit` serves it and says so, `off` does not look.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_not_from_the_pods_own_address_is_refused() {
+    let server = FakeApiServer::start().await;
+    let u = uid(21);
+    server.create(pod(
+        "shop",
+        "orders",
+        &u,
+        NODE,
+        json!({"aadpodidbinding": "orders"}),
+    ));
+    let mut host = pod(
+        "kube-system",
+        "hostnet",
+        &uid(22),
+        NODE,
+        json!({"aadpodidbinding": "orders"}),
+    );
+    host["metadata"]["namespace"] = json!("shop");
+    host["spec"]["hostNetwork"] = json!(true);
+    host["status"] =
+        json!({"podIP": "10.224.0.4", "podIPs": [{"ip": "10.224.0.4"}], "hostIP": "10.224.0.4"});
+    server.create(host);
+    server.create(identity("shop", "orders-id", ORDERS_ID));
+    server.create(binding("shop", "orders-binding", "orders-id", "orders"));
+    let spoofed: IpAddr = "10.244.0.8".parse().expect("address");
+    let node: IpAddr = "10.224.0.4".parse().expect("address");
+
+    let enforce = source(&server, false).await;
+    match enforce.resolve_caller(Some(&cgroup_of(&u)), spoofed).await {
+        Binding::Refused { workload, reason } => {
+            assert_eq!(workload.pod.as_deref(), Some("orders"));
+            assert!(
+                reason.starts_with("source_address_mismatch") && reason.contains("10.244.0.8"),
+                "{reason}"
+            );
+        }
+        other => panic!("a spoofed source must be refused: {other:?}"),
+    }
+    assert_eq!(
+        bound_ids(
+            &enforce
+                .resolve_caller(Some(&cgroup_of(&u)), IpAddr::V4(POD_IP))
+                .await
+        ),
+        Some(vec![ORDERS_ID.to_owned()]),
+        "the pod's own address is served"
+    );
+    // A hostNetwork pod speaks from the node's address, never from a pod address.
+    assert!(
+        bound_ids(
+            &enforce
+                .resolve_caller(Some(&cgroup_of(&uid(22))), node)
+                .await
+        )
+        .is_some()
+    );
+    assert!(matches!(
+        enforce
+            .resolve_caller(Some(&cgroup_of(&uid(22))), IpAddr::V4(POD_IP))
+            .await,
+        Binding::Refused { .. }
+    ));
+
+    for (mode, served) in [(SourceCheck::Audit, true), (SourceCheck::Off, true)] {
+        let config = KubeConfig {
+            source_check: mode,
+            ..KubeConfig::new(NODE)
+        };
+        let src = source_with(&server, config).await;
+        let got = src.resolve_caller(Some(&cgroup_of(&u)), spoofed).await;
+        assert_eq!(bound_ids(&got).is_some(), served, "{mode:?}: {got:?}");
+    }
+}
+
+/// The kubelet reports a pod's address moments after its sandbox starts; a first request in between waits for it
+/// (bounded), and a pod that never gets one is told to retry, never refused or served unchecked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_without_an_address_yet_is_waited_for_then_told_to_retry() {
+    let server = Arc::new(FakeApiServer::start().await);
+    server.create(identity("shop", "orders-id", ORDERS_ID));
+    server.create(binding("shop", "orders-binding", "orders-id", "orders"));
+    let (late, never) = (uid(23), uid(24));
+    for (u, name) in [(&late, "late-ip"), (&never, "no-ip")] {
+        let mut p = pod("shop", name, u, NODE, json!({"aadpodidbinding": "orders"}));
+        p["status"] = json!({"phase": "Pending"});
+        server.create(p);
+    }
+    let src = source(&server, false).await;
+
+    let later = Arc::clone(&server);
+    let u2 = late.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        later.update(pod(
+            "shop",
+            "late-ip",
+            &u2,
+            NODE,
+            json!({"aadpodidbinding": "orders"}),
+        ));
+    });
+    let start = Instant::now();
+    let got = src.resolve_cgroup(Some(&cgroup_of(&late))).await;
+    assert_eq!(bound_ids(&got), Some(vec![ORDERS_ID.to_owned()]), "{got:?}");
+    assert!(
+        start.elapsed() >= Duration::from_millis(250),
+        "{:?}",
+        start.elapsed()
+    );
+
+    let start = Instant::now();
+    match src.resolve_cgroup(Some(&cgroup_of(&never))).await {
+        Binding::NotReady { reason } => {
+            assert!(reason.contains("no address for pod shop/no-ip"), "{reason}")
+        }
+        other => panic!("{other:?}"),
+    }
+    let took = start.elapsed();
+    assert!(
+        took >= MAX_POD_WAIT - Duration::from_millis(50)
+            && took < MAX_POD_WAIT + Duration::from_millis(750),
+        "{took:?}"
+    );
 }

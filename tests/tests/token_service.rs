@@ -418,6 +418,7 @@ fn kubernetes_mode_serves_the_bound_identity_until_the_binding_is_deleted() {
         "metadata": {"name": "kpod", "namespace": "default", "uid": POD_UID,
                      "labels": {"aadpodidbinding": "sel"}},
         "spec": {"nodeName": NODE_NAME, "containers": [{"name": "app", "image": "app"}]},
+        "status": {"podIP": pod.ip.to_string(), "podIPs": [{"ip": pod.ip.to_string()}]},
     }));
     api.server.create(json!({
         "apiVersion": "aadpodidentity.k8s.io/v1", "kind": "AzureIdentity",
@@ -457,6 +458,46 @@ fn kubernetes_mode_serves_the_bound_identity_until_the_binding_is_deleted() {
         (&granted["pod"], &granted["namespace"], &granted["pod_uid"]),
         (&json!("kpod"), &json!("default"), &json!(POD_UID)),
         "audit names the pod: {granted}"
+    );
+
+    // The same pod speaking from an address that is not its own (a secondary address on its eth0, as a container with
+    // NET_ADMIN can add): the kernel attests its cgroup, and the source-address check refuses it all the same.
+    let octets = w.topo.bridge_ip.octets();
+    let other = std::net::Ipv4Addr::new(octets[0], octets[1], octets[2], 200);
+    pod.netns
+        .ip(&["addr", "add", &format!("{other}/24"), "dev", "eth0"]);
+    let spoofed = pod.probe_one(&[
+        "from",
+        "--source",
+        &format!("{other}:0"),
+        "--request",
+        "--timeout-ms",
+        "5000",
+    ]);
+    assert!(
+        spoofed
+            .status
+            .as_deref()
+            .is_some_and(|s| s.contains(" 403 ")),
+        "a request from an address that is not the pod's own must be refused: {spoofed:?}"
+    );
+    let refused = w
+        .agent
+        .token_audits()
+        .into_iter()
+        .find(|a| a["outcome"] == "denied")
+        .unwrap_or_else(|| panic!("no denied token audit; {}", w.agent.describe()));
+    assert!(
+        refused["reason"].as_str().is_some_and(
+            |r| r.starts_with("source_address_mismatch") && r.contains(&other.to_string())
+        ),
+        "the audit says why: {refused}"
+    );
+    assert_eq!(refused["pod"], json!("kpod"), "{refused}");
+    assert_eq!(
+        w.emu.calls_for(KUBE_MI.1),
+        1,
+        "the refused request fetched nothing"
     );
 
     // Delete the binding: the next fresh client process must find no identity. The watch delivers the deletion

@@ -10,7 +10,7 @@ use std::{
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::telemetry::LogFormat;
+use crate::{identity::kube::SourceCheck, telemetry::LogFormat};
 
 pub use listen::{ListenError, token_listen_addr};
 
@@ -69,6 +69,11 @@ pub struct RunArgs {
     /// Off by default: a binding and its identity serve only pods of their own namespace.
     #[arg(long, env = "NMI_AGENT_CLUSTER_WIDE_BINDINGS")]
     pub cluster_wide_bindings: bool,
+
+    /// Kubernetes mode: whether a connection must come from the attested pod's own address (`status.podIPs`; the
+    /// node's for hostNetwork pods). `audit` serves a mismatch but logs it: for CNIs that rewrite pod source addresses.
+    #[arg(long, env = "NMI_AGENT_CHECK_SOURCE_ADDRESS", value_enum, default_value_t = SourceCheck::Enforce)]
+    pub check_source_address: SourceCheck,
 
     /// Service-principal identities (AzureIdentity type 1): read their secrets from Kubernetes Secrets. Off by
     /// default, so the agent needs no access to Secrets unless you use them.

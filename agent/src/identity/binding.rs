@@ -49,6 +49,9 @@ pub enum Binding {
     /// "unbound" from "not known yet". Answered with a retryable error, never with "Identity not found", which SDKs
     /// treat as final.
     NotReady { reason: String },
+    /// The caller is known but refused before any binding is looked at (Kubernetes mode: its connection does not come
+    /// from its own address). Answered 403; `reason` goes to the audit log.
+    Refused { workload: Workload, reason: String },
     /// Nothing bound; `reason` says why, for the audit log.
     Unbound {
         workload: Option<Workload>,

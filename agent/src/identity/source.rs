@@ -43,7 +43,7 @@ impl Resolve for BindingSource {
     async fn resolve(&self, caller: &Attestation) -> Binding {
         match self {
             BindingSource::File(f) => f.resolve_cgroup(caller.cgroup.as_deref()),
-            BindingSource::Kube(k) => k.resolve_cgroup(caller.cgroup.as_deref()).await,
+            BindingSource::Kube(k) => k.resolve(caller).await,
         }
     }
 }

@@ -217,6 +217,15 @@ impl<R: Resolve + Send + Sync + 'static> Service<R> {
                 audit.emit("error", &format!("not_ready: {reason}"));
                 response::unavailable("the identity bindings are still loading; retry")
             }
+            Binding::Refused { workload, reason } => {
+                audit.workload = workload;
+                audit.emit("denied", &reason);
+                response::error(
+                    StatusCode::FORBIDDEN,
+                    "access_denied",
+                    "This connection does not come from the calling pod's own address; see the node agent's audit log",
+                )
+            }
             Binding::Unbound { workload, reason } => {
                 audit.workload = workload.unwrap_or_default();
                 audit.emit("denied", &format!("unbound: {reason}"));

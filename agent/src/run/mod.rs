@@ -3,7 +3,7 @@
 mod signals;
 
 use std::{
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     sync::{Arc, atomic::Ordering},
 };
 
@@ -101,6 +101,12 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
                 .context("connecting to the Kubernetes API (in-cluster config or KUBECONFIG)")?;
             let kube_config = KubeConfig {
                 cluster_wide: args.cluster_wide_bindings,
+                source_check: args.check_source_address,
+                node_ips: args
+                    .node_ip
+                    .into_iter()
+                    .chain([IpAddr::V4(*listen.ip())])
+                    .collect(),
                 ..KubeConfig::new(node_name)
             };
             let source =

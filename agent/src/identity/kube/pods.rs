@@ -1,5 +1,5 @@
 //! This node's pods by UID, from the pod reflector's store, waiting a bounded time for a pod the reflector has not
-//! delivered yet (a pod's first IMDS call can race its watch event).
+//! delivered yet, or not with its address (a pod's first IMDS call can race its watch events).
 
 use std::{sync::Arc, time::Duration};
 
@@ -43,23 +43,26 @@ impl Pods {
         })
     }
 
-    /// The pod with this UID, waiting up to `wait` for the reflector to deliver it.
-    pub async fn find(&self, uid: &str, wait: Duration) -> Option<Arc<Pod>> {
+    /// The pod with this UID once `complete` holds for it (e.g. the kubelet reported its address), waiting up to
+    /// `wait` for the events that make it so. At the deadline: the pod as it stands, complete or not.
+    pub async fn find_until(
+        &self,
+        uid: &str,
+        wait: Duration,
+        complete: impl Fn(&Pod) -> bool,
+    ) -> Option<Arc<Pod>> {
         // Subscribe before looking, so that an event landing between the look and the wait is not missed.
         let mut events = self.events.subscribe();
-        if let Some(p) = self.lookup(uid) {
-            return Some(p);
-        }
+        let mut found = self.lookup(uid);
         let deadline = Instant::now() + wait;
         loop {
+            if found.as_deref().is_some_and(&complete) {
+                return found;
+            }
             match tokio::time::timeout_at(deadline, events.changed()).await {
-                Ok(Ok(())) => {
-                    if let Some(p) = self.lookup(uid) {
-                        return Some(p);
-                    }
-                }
+                Ok(Ok(())) => found = self.lookup(uid),
                 // Timed out, or the source is shutting down.
-                _ => return None,
+                _ => return found,
             }
         }
     }

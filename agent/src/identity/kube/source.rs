@@ -5,12 +5,13 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
+    net::IpAddr,
     path::Path,
     sync::Arc,
     time::Duration,
 };
 
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Pod, PodSpec, PodStatus};
 use kube::{
     Api, Client, ResourceExt,
     runtime::{WatchStreamExt, reflector, watcher},
@@ -18,6 +19,7 @@ use kube::{
 use tokio::{sync::watch, task::JoinHandle};
 
 use super::{
+    address::{self, SourceCheck, Verdict},
     crd::{AzureIdentity, AzureIdentityBinding, AzurePodIdentityException},
     pods::Pods,
     policy::Policy,
@@ -44,6 +46,11 @@ pub struct KubeConfig {
     pub cluster_wide: bool,
     /// How long a request waits for a pod that is not in the store yet; capped at [`MAX_POD_WAIT`].
     pub pod_wait: Duration,
+    /// Whether a connection must come from the attested pod's own address (see [`super::address`]).
+    pub source_check: SourceCheck,
+    /// This node's addresses (the agent's own): a hostNetwork pod may speak from them before the API server reports
+    /// the pod's status.
+    pub node_ips: Vec<IpAddr>,
 }
 
 impl KubeConfig {
@@ -52,6 +59,8 @@ impl KubeConfig {
             node_name: node_name.into(),
             cluster_wide: false,
             pod_wait: MAX_POD_WAIT,
+            source_check: SourceCheck::default(),
+            node_ips: Vec::new(),
         }
     }
 }
@@ -154,10 +163,19 @@ impl KubeSource {
             Api::<Pod>::all(client.clone()),
             watcher::Config::default().fields(&node_selector),
         )
-        // Only metadata is used; dropping spec, status and managedFields keeps the store small.
+        // Metadata, hostNetwork and the addresses are used; dropping the rest keeps the store small.
         .modify(|pod| {
-            pod.spec = None;
-            pod.status = None;
+            pod.spec = pod.spec.take().map(|spec| PodSpec {
+                host_network: spec.host_network,
+                ..PodSpec::default()
+            });
+            pod.status = pod.status.take().map(|status| PodStatus {
+                pod_ip: status.pod_ip,
+                pod_ips: status.pod_ips,
+                host_ip: status.host_ip,
+                host_ips: status.host_ips,
+                ..PodStatus::default()
+            });
             pod.metadata.managed_fields = None;
         });
         let pods_changed = {
@@ -213,8 +231,9 @@ impl KubeSource {
         &self.inner.config
     }
 
-    /// Resolves a caller's cgroup (relative to `--cgroup`) to its binding.
-    pub async fn resolve_cgroup(&self, cgroup: Option<&Path>) -> Binding {
+    /// Resolves a caller's cgroup (relative to `--cgroup`) to its binding; `source` is the connection's source
+    /// address, which must be one of the pod's (see [`super::address`]).
+    pub async fn resolve_caller(&self, cgroup: Option<&Path>, source: IpAddr) -> Binding {
         // Right after a start the stores are still filling: "no binding" could be "not listed yet". Wait as long as
         // for a pod, then say "retry" rather than a final "Identity not found".
         if !self.ready() {
@@ -241,8 +260,17 @@ impl KubeSource {
             container: pc.container.map(|c| c.id),
             ..Workload::default()
         };
-        let wait = self.inner.config.pod_wait;
-        let Some(pod) = self.inner.pods.find(&pc.pod_uid, wait).await else {
+        let config = &self.inner.config;
+        let wait = config.pod_wait;
+        // With the check on, also wait (as long) for the kubelet to report the pod's address.
+        let complete =
+            |pod: &Pod| config.source_check == SourceCheck::Off || address::has_address(pod);
+        let Some(pod) = self
+            .inner
+            .pods
+            .find_until(&pc.pod_uid, wait, complete)
+            .await
+        else {
             return Binding::Unbound {
                 workload: Some(workload),
                 reason: format!(
@@ -254,13 +282,38 @@ impl KubeSource {
         };
         workload.namespace = pod.namespace();
         workload.pod = Some(pod.name_any());
+        if config.source_check != SourceCheck::Off {
+            let pod_name = format!("{}/{}", pod.namespace().unwrap_or_default(), pod.name_any());
+            match address::check(&pod, source, &config.node_ips) {
+                Verdict::Matches => {}
+                Verdict::NoAddressYet => {
+                    return Binding::NotReady {
+                        reason: format!(
+                            "the API server has no address for pod {pod_name} yet (waited {} ms); retry",
+                            wait.as_millis()
+                        ),
+                    };
+                }
+                Verdict::Mismatch { allowed } => {
+                    let reason = format!(
+                        "source_address_mismatch: the connection comes from {source}, which is not an address of \
+                         pod {pod_name} ({allowed:?}); a pod speaking from another's address, or a CNI that \
+                         rewrites pod source addresses (then run with --check-source-address=audit)"
+                    );
+                    if config.source_check == SourceCheck::Enforce {
+                        return Binding::Refused { workload, reason };
+                    }
+                    tracing::warn!(target: "audit", pod = %pod_name, %source, "{reason} (audit only: served)");
+                }
+            }
+        }
         self.inner.policy.bind_pod(&pod, workload)
     }
 }
 
 impl Resolve for KubeSource {
     fn resolve(&self, caller: &Attestation) -> impl std::future::Future<Output = Binding> + Send {
-        self.resolve_cgroup(caller.cgroup.as_deref())
+        self.resolve_caller(caller.cgroup.as_deref(), IpAddr::V4(*caller.peer.ip()))
     }
 }
 

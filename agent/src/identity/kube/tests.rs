@@ -185,6 +185,7 @@ fn pod_policy() {
         Binding::Unbound { reason, .. } => vec![format!("unbound: {reason}")],
         Binding::NodeException { .. } => vec!["exception".into()],
         Binding::NotReady { reason } => vec![format!("not ready: {reason}")],
+        Binding::Refused { reason, .. } => vec![format!("refused: {reason}")],
     };
     let ns = policy(false);
     assert_eq!(
