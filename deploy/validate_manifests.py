@@ -6,7 +6,8 @@
 3. deploy/examples/: aad-pod-identity manifests validated against those CRDs, unknown fields being errors as with
    `kubectl apply` (strict field validation).
 4. The kustomizations: every manifest listed, every listed file present, the image pinned by digest.
-5. checkov on deploy/ and the Containerfile, offline; every finding must be accepted with a reason in
+5. The startup-taint admission policy against the requests it must admit and refuse (check_admission_policy.py).
+6. checkov on deploy/ and the Containerfile, offline; every finding must be accepted with a reason in
    deploy/checkov-accepted.yaml, and every acceptance must still match a finding.
 
 Prints one line per problem and exits 1 if there was any.
@@ -24,6 +25,8 @@ import time
 import jsonschema
 import yaml
 from kubernetes_validate import utils as kv
+
+import check_admission_policy
 
 # Oldest: securityContext.appArmorProfile is GA from 1.31 on. Newest: what kubernetes-validate knows, which matches the
 # agent's k8s-openapi feature (v1_37).
@@ -248,7 +251,7 @@ def check_kustomizations(deploy, manifests, daemonset_images):
             problem("daemonset.yaml", f"image {image!r} must be {IMAGE_NAME}@sha256:<digest> (kustomize sets it)")
 
 
-# --- 5. checkov -----------------------------------------------------------------------------------------------------
+# --- 6. checkov -----------------------------------------------------------------------------------------------------
 
 
 def run_checkov(deploy, checkov, scan_dir):
@@ -325,7 +328,7 @@ def main():
     deploy = os.path.abspath(args.deploy)
 
     started = time.monotonic()
-    manifests, crd_schemas, images, objects = [], {}, [], 0
+    manifests, crd_schemas, images, objects, policy_cases = [], {}, [], 0, 0
     for rel in yaml_files(deploy):
         if rel in NOT_MANIFESTS or os.path.basename(rel) == "kustomization.yaml" or rel.startswith(EXAMPLES + os.sep):
             continue
@@ -343,9 +346,13 @@ def main():
             validate_builtin(rel, doc)
             if doc["kind"] == "CustomResourceDefinition":
                 check_crd(rel, doc, crd_schemas)
+            if doc["kind"] == "ValidatingAdmissionPolicy" and rel == "startup-taint-policy.yaml":
+                policy_cases += check_admission_policy.check(doc, problem)
             if doc["kind"] == "DaemonSet":
                 pod = doc.get("spec", {}).get("template", {}).get("spec", {})
                 images += [c.get("image", "") for c in pod.get("containers", []) + pod.get("initContainers", [])]
+    if policy_cases == 0:
+        problem("startup-taint-policy.yaml", "no ValidatingAdmissionPolicy found to check")
     missing = sorted(set(CRDS) - crd_schemas.keys())
     if missing:
         problem("crds/", f"missing CRDs for {missing}")
@@ -361,7 +368,7 @@ def main():
         print(f"deploy/{line}" if not line.startswith("checkov:") else line)
     print(
         f"manifests: {objects} objects in {len(manifests)} files against Kubernetes {' and '.join(K8S_VERSIONS)}, "
-        f"{len(crd_schemas)} CRDs, {examples} examples ({schema_time:.1f}s); checkov: {findings} findings, all "
+        f"{len(crd_schemas)} CRDs, {examples} examples, {policy_cases} admission cases ({schema_time:.1f}s); checkov: {findings} findings, all "
         f"accepted with reasons ({checkov_time:.1f}s)" if not problems else f"manifests: {len(problems)} problem(s)"
     )
     return 1 if problems else 0

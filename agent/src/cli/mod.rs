@@ -75,6 +75,11 @@ pub struct RunArgs {
     #[arg(long, env = "NMI_AGENT_CHECK_SOURCE_ADDRESS", value_enum, default_value_t = SourceCheck::Enforce)]
     pub check_source_address: SourceCheck,
 
+    /// Kubernetes mode: the taint new nodes register with (AKS: `--node-initialization-taints`) that the agent removes
+    /// from its own node once it serves; workloads are not scheduled before. Empty: leave the node's taints alone.
+    #[arg(long, env = "NMI_AGENT_STARTUP_TAINT", default_value = crate::run::startup_taint::DEFAULT_KEY)]
+    pub startup_taint: String,
+
     /// Service-principal identities (AzureIdentity type 1): read their secrets from Kubernetes Secrets. Off by
     /// default, so the agent needs no access to Secrets unless you use them.
     #[arg(long, env = "NMI_AGENT_SERVICE_PRINCIPALS")]

@@ -1,6 +1,7 @@
 //! `nmi-agent run`: wires the parts together in data-flow order. This is the edge where errors become messages.
 
 mod signals;
+pub mod startup_taint;
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -85,6 +86,8 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
         authority_host: args.authority_host.clone(),
         ..imds::Config::default()
     };
+    // Kubernetes mode: the client and node the startup taint is removed from once the agent serves.
+    let mut untaint: Option<(kube::Client, String)> = None;
     let (source, service, on_hangup): (_, _, Box<dyn FnMut() + Send>) = match mode {
         Mode::Standalone(file) => {
             for warning in file.warnings() {
@@ -99,6 +102,9 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
             let client = kube::Client::try_default()
                 .await
                 .context("connecting to the Kubernetes API (in-cluster config or KUBECONFIG)")?;
+            if !args.startup_taint.is_empty() {
+                untaint = Some((client.clone(), node_name.clone()));
+            }
             let kube_config = KubeConfig {
                 cluster_wide: args.cluster_wide_bindings,
                 source_check: args.check_source_address,
@@ -183,6 +189,14 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
 
     let stop = signals::spawn(on_hangup);
     readiness::watch_upstream(&args.imds_url, Arc::clone(&readiness))?;
+    if let Some((client, node)) = untaint {
+        tokio::spawn(startup_taint::remove_when_serving(
+            client,
+            node,
+            args.startup_taint.clone(),
+            Arc::clone(&readiness),
+        ));
+    }
     tokio::spawn(readiness::announce_ready(
         Arc::clone(&readiness),
         listen,

@@ -10,7 +10,9 @@
 //! - `allowWatchBookmarks` (a BOOKMARK every [`Options::bookmark_interval`]), `timeoutSeconds`, and minimal
 //!   `labelSelector` (`k=v`, `k==v`, `k!=v`, `k`, `!k`) and `fieldSelector` (`path=v`, `path!=v`, e.g.
 //!   `spec.nodeName=node-a`) on lists and watches;
-//! - get: `/api/v1/namespaces/{ns}/secrets/{name}` (and any other object) -> the object, or a 404 Status.
+//! - get: `/api/v1/namespaces/{ns}/secrets/{name}`, `/api/v1/nodes/{name}` (and any other object) -> the object, or a
+//!   404 Status;
+//! - patch: a JSON patch (`application/json-patch+json`) of one object; a failed `test` op is a 422.
 //!
 //! Objects are `serde_json::Value`s; the server fills in `metadata.resourceVersion`, `metadata.uid` (unless given)
 //! and `metadata.creationTimestamp`. Every request is recorded ([`FakeApiServer::request_log`]).
@@ -66,12 +68,15 @@ impl LoggedRequest {
 pub struct Options {
     /// How often an open watch that asked for bookmarks gets one.
     pub bookmark_interval: Duration,
+    /// Answer every write (PATCH) with 403, as an API server does for a ServiceAccount without the RBAC for it.
+    pub forbid_writes: bool,
 }
 
 impl Default for Options {
     fn default() -> Self {
         Options {
             bookmark_interval: Duration::from_secs(1),
+            forbid_writes: false,
         }
     }
 }
@@ -128,7 +133,7 @@ impl FakeApiServer {
         let serving = Arc::clone(&shared);
         let accept = http::serve("fake API server", listener, move |req| {
             let shared = Arc::clone(&serving);
-            async move { Ok::<_, Infallible>(routes::handle(&shared, req)) }
+            async move { Ok::<_, Infallible>(routes::handle(&shared, req).await) }
         });
         FakeApiServer {
             shared,

@@ -44,6 +44,8 @@ fn parse_path(path: &str) -> Option<Target> {
     };
     let (namespace, plural, name) = match rest {
         [plural] => (None, *plural, None),
+        // A cluster-scoped object: /api/v1/nodes/{name}.
+        [plural, name] => (None, *plural, Some(*name)),
         ["namespaces", ns, plural] => (Some(*ns), *plural, None),
         ["namespaces", ns, plural, name] => (Some(*ns), *plural, Some(*name)),
         _ => return None,
@@ -58,7 +60,7 @@ fn parse_path(path: &str) -> Option<Target> {
     })
 }
 
-pub(super) fn handle(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
+pub(super) async fn handle(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
     let path = req.uri().path().to_owned();
     let query = req.uri().query().unwrap_or_default().to_owned();
     shared
@@ -70,6 +72,9 @@ pub(super) fn handle(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<B
             path: path.clone(),
             query: query.clone(),
         });
+    if req.method() == Method::PATCH {
+        return patch(shared, req).await;
+    }
     if req.method() != Method::GET {
         return status(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -126,4 +131,75 @@ fn list(shared: &Shared, resource: &Resource, filter: &Filter) -> Response<Body>
             "items": store.list(resource, filter),
         }),
     )
+}
+
+/// `PATCH` of one object with a JSON patch (RFC 6902; a failed `test` is a 422, as on a real API server), stored as
+/// MODIFIED. With [`super::Options::forbid_writes`], a 403 as RBAC would answer.
+async fn patch(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
+    let path = req.uri().path().to_owned();
+    let Some(Target {
+        resource,
+        namespace,
+        name: Some(name),
+    }) = parse_path(&path)
+    else {
+        return status(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            format!("no route for PATCH {path}"),
+        );
+    };
+    if shared.options.forbid_writes {
+        return status(
+            StatusCode::FORBIDDEN,
+            "Forbidden",
+            format!("{} \"{name}\" is forbidden: cannot patch", resource.plural),
+        );
+    }
+    let content_type = req
+        .headers()
+        .get(hyper::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    if content_type != "application/json-patch+json" {
+        return status(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "UnsupportedMediaType",
+            format!("the fake serves JSON patches only, not {content_type:?}"),
+        );
+    }
+    let body = match http_body_util::BodyExt::collect(req.into_body()).await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => return status(StatusCode::BAD_REQUEST, "BadRequest", e.to_string()),
+    };
+    let ops: json_patch::Patch = match serde_json::from_slice(&body) {
+        Ok(ops) => ops,
+        Err(e) => return status(StatusCode::BAD_REQUEST, "BadRequest", e.to_string()),
+    };
+    let key = Key {
+        resource,
+        namespace: namespace.unwrap_or_default(),
+        name: name.clone(),
+    };
+    let mut store = shared.store();
+    let Some(mut object) = store.objects.get(&key).cloned() else {
+        return status(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            format!("{} \"{name}\" not found", key.resource.plural),
+        );
+    };
+    if let Err(e) = json_patch::patch(&mut object, &ops) {
+        return status(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "Invalid",
+            format!("the JSON patch does not apply: {e}"),
+        );
+    }
+    let event = store.write(object, "MODIFIED");
+    // As in FakeApiServer::change: sent under the store lock.
+    let _ = shared.events.send(Arc::clone(&event));
+    drop(store);
+    full(StatusCode::OK, &event.object)
 }

@@ -137,7 +137,9 @@ impl Store {
                 format!("00000000-0000-4000-8000-{:012x}", self.next_uid)
             });
         let meta = &mut object["metadata"];
-        meta["namespace"] = json!(key.namespace);
+        if !key.namespace.is_empty() {
+            meta["namespace"] = json!(key.namespace);
+        }
         meta["resourceVersion"] = json!(self.rv.to_string());
         meta["uid"] = json!(uid);
         if meta["creationTimestamp"].is_null() {
@@ -197,6 +199,9 @@ impl Store {
     }
 }
 
+/// Kinds that live outside namespaces: stored (and served) without one.
+const CLUSTER_SCOPED: &[&str] = &["Node", "Namespace", "CustomResourceDefinition"];
+
 /// Where `object` is stored (from its apiVersion, kind, namespace and name), and its kind.
 fn key_of(object: &Value) -> (Key, String) {
     let field = |value: &Value, what: &str| {
@@ -208,9 +213,13 @@ fn key_of(object: &Value) -> (Key, String) {
     let api_version = field(&object["apiVersion"], "apiVersion");
     let kind = field(&object["kind"], "kind");
     let name = field(&object["metadata"]["name"], "metadata.name");
-    let namespace = object["metadata"]["namespace"]
-        .as_str()
-        .unwrap_or("default");
+    let namespace = if CLUSTER_SCOPED.contains(&kind.as_str()) {
+        ""
+    } else {
+        object["metadata"]["namespace"]
+            .as_str()
+            .unwrap_or("default")
+    };
     let prefix = if api_version.contains('/') {
         format!("/apis/{api_version}")
     } else {

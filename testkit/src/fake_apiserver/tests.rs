@@ -18,6 +18,7 @@ async fn server_with_pods_on_two_nodes() -> Arc<FakeApiServer> {
     let server = Arc::new(
         FakeApiServer::start_with(Options {
             bookmark_interval: Duration::from_millis(200),
+            ..Options::default()
         })
         .await,
     );
