@@ -24,7 +24,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
         "server",
         &["imds", "identity", "attest", "datapath", "telemetry"],
     ),
-    ("cli", &["telemetry"]),
+    ("cli", &["identity", "telemetry"]),
     (
         "run",
         &[

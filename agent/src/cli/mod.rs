@@ -32,6 +32,8 @@ pub enum Command {
 
 pub const DEFAULT_PORT: u16 = 2579;
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/nmi-agent";
+/// The taint key deploy/, deploy/startup-taint-policy.yaml and the docs use.
+pub const DEFAULT_STARTUP_TAINT: &str = "nmi-agent.io/not-ready";
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
@@ -77,7 +79,7 @@ pub struct RunArgs {
 
     /// Kubernetes mode: the taint new nodes register with (AKS: `--node-initialization-taints`) that the agent removes
     /// from its own node once it serves; workloads are not scheduled before. Empty: leave the node's taints alone.
-    #[arg(long, env = "NMI_AGENT_STARTUP_TAINT", default_value = crate::run::startup_taint::DEFAULT_KEY)]
+    #[arg(long, env = "NMI_AGENT_STARTUP_TAINT", default_value = DEFAULT_STARTUP_TAINT)]
     pub startup_taint: String,
 
     /// Service-principal identities (AzureIdentity type 1): read their secrets from Kubernetes Secrets. Off by

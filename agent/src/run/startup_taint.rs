@@ -18,8 +18,7 @@ use kube::{
 
 use crate::telemetry::readiness::Readiness;
 
-/// The taint key deploy/ and the docs use.
-pub const DEFAULT_KEY: &str = "nmi-agent.io/not-ready";
+pub use crate::cli::DEFAULT_STARTUP_TAINT as DEFAULT_KEY;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TaintError {
