@@ -526,6 +526,11 @@ async fn static_pods_resolve_through_their_mirror_pod() {
         json!({"aadpodidbinding": "web"}),
     );
     mirror["metadata"]["annotations"] = json!({"kubernetes.io/config.mirror": hash});
+    // What the kubelet writes on the mirror pods it creates.
+    mirror["metadata"]["ownerReferences"] = json!([{
+        "apiVersion": "v1", "kind": "Node", "name": NODE,
+        "uid": "5e1f0a9b-0000-4000-8000-000000000001", "controller": true
+    }]);
     server.create(mirror);
     server.create(identity("kube-system", "web-id", ORDERS_ID));
     server.create(binding("kube-system", "web-binding", "web-id", "web"));
@@ -537,6 +542,62 @@ async fn static_pods_resolve_through_their_mirror_pod() {
         bound_ids(&src.resolve_cgroup(Some(&path)).await),
         Some(vec![ORDERS_ID.to_owned()])
     );
+}
+
+/// Anyone who may create a pod can write the mirror annotation: it must not let a pod claim another pod's cgroup.
+/// The exact UID wins, and the annotation counts only on a pod its Node owns (a kubelet-made mirror pod).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_cannot_claim_another_pods_cgroup_with_a_mirror_annotation() {
+    let server = FakeApiServer::start().await;
+    let (victim, orphan_hash) = (uid(31), "7b4f5d3a1c0e9f8a7b6c5d4e3f2a1b0c");
+    server.create(pod(
+        "shop",
+        "victim",
+        &victim,
+        NODE,
+        json!({"aadpodidbinding": "orders"}),
+    ));
+    for (name, claimed) in [
+        ("claims-victim", victim.as_str()),
+        ("claims-static", orphan_hash),
+    ] {
+        let mut claimer = pod(
+            "ops",
+            name,
+            &uid(if claimed == orphan_hash { 33 } else { 32 }),
+            NODE,
+            json!({"aadpodidbinding": "payments"}),
+        );
+        claimer["metadata"]["annotations"] = json!({"kubernetes.io/config.mirror": claimed});
+        server.create(claimer);
+    }
+    server.create(identity("shop", "orders-id", ORDERS_ID));
+    server.create(binding("shop", "orders-binding", "orders-id", "orders"));
+    server.create(identity("ops", "payments-id", PAYMENTS_ID));
+    server.create(binding(
+        "ops",
+        "payments-binding",
+        "payments-id",
+        "payments",
+    ));
+    let src = source(&server, false).await;
+
+    assert_eq!(
+        bound_ids(&src.resolve_cgroup(Some(&cgroup_of(&victim))).await),
+        Some(vec![ORDERS_ID.to_owned()]),
+        "the victim is resolved by its own UID, not by a pod that claims it"
+    );
+    let static_path = PathBuf::from(format!(
+        "/kubepods-burstable.slice/kubepods-burstable-pod{orphan_hash}.slice/cri-containerd-{CID}.scope"
+    ));
+    match src.resolve_cgroup(Some(&static_path)).await {
+        Binding::Unbound { reason, .. } => {
+            assert!(reason.contains("not among this node's pods"), "{reason}")
+        }
+        other => {
+            panic!("a pod that is not a mirror pod must not stand for a static pod: {other:?}")
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -15,6 +15,11 @@ pub fn has_metadata_header(headers: &HeaderMap) -> bool {
     matches!((values.next(), values.next()), (Some(v), None) if v.as_bytes() == b"true")
 }
 
+/// True when the request came through a proxy that says so (`X-Forwarded-For`, any value, even empty).
+pub fn is_forwarded(headers: &HeaderMap) -> bool {
+    headers.contains_key("x-forwarded-for")
+}
+
 /// The parameters of a token request.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TokenQuery {

@@ -102,6 +102,26 @@ pub fn identity_not_found() -> Response<Full<Bytes>> {
     )
 }
 
+/// 400 for several bound identities and none named: IMDS's own words for a VM with several user-assigned identities
+/// and no system identity. SDKs show the description as it is, which tells the developer what to add.
+pub fn several_identities() -> Response<Full<Bytes>> {
+    error(
+        StatusCode::BAD_REQUEST,
+        "invalid_request",
+        "Multiple user assigned identities exist, please specify the clientId / resourceId of the identity in the token request",
+    )
+}
+
+/// 400 for a request carrying `X-Forwarded-For`: IMDS refuses those (a proxy in front of the caller added it, so the
+/// request may be a user's, relayed: server-side request forgery), and so do we, on every path.
+pub fn forwarded_request() -> Response<Full<Bytes>> {
+    error(
+        StatusCode::BAD_REQUEST,
+        "bad_request",
+        "Requests with an X-Forwarded-For header are not accepted: the metadata service must be called directly, not through a proxy",
+    )
+}
+
 /// 403 for paths the agent does not serve. Never forwarded: IMDS must not see a path we did not check.
 pub fn forbidden() -> Response<Full<Bytes>> {
     error(

@@ -26,7 +26,7 @@ use super::{
 };
 use crate::{
     attest::Attestation,
-    identity::{Binding, Resolve, SecretStore, select},
+    identity::{Binding, Denial, Resolve, SecretStore, select},
     telemetry::metrics::{Metrics, StatusLabels},
 };
 
@@ -149,7 +149,16 @@ impl<R: Resolve + Send + Sync + 'static> Service<R> {
 
     async fn handle_parts(&self, caller: &Attestation, parts: Parts) -> Response<Full<Bytes>> {
         let started = Instant::now();
-        match path::route(parts.uri.path()) {
+        let route = path::route(parts.uri.path());
+        if request::is_forwarded(&parts.headers) {
+            if matches!(route, Route::Token) {
+                Audit::new(caller, started, &self.metrics).emit("denied", "x_forwarded_for");
+            } else {
+                tracing::info!(target: "imds", pid = caller.pid, cgroup = %cgroup_of(caller), path = parts.uri.path(), "request with X-Forwarded-For refused");
+            }
+            return response::forwarded_request();
+        }
+        match route {
             Route::Token => self.token(caller, &parts, started).await,
             Route::Instance(path) if self.config.forward_instance_metadata => {
                 let response = self.forward(&path, parts.uri.query(), &parts.headers).await;
@@ -188,8 +197,13 @@ impl<R: Resolve + Send + Sync + 'static> Service<R> {
     ) -> Response<Full<Bytes>> {
         let mut audit = Audit::new(caller, started, &self.metrics);
         // First, before anything that can wait: SDK availability probes omit the header and need an answer at once.
+        // They are how SDKs find IMDS, not attacks: counted and audited as probes, so that denials mean something.
         if !request::has_metadata_header(&parts.headers) {
-            audit.emit("denied", "metadata_header_missing");
+            if parts.headers.contains_key("metadata") {
+                audit.emit("denied", "metadata_header_invalid");
+            } else {
+                audit.emit("probe", "metadata_header_missing");
+            }
             return response::missing_metadata_header();
         }
         if parts.method != Method::GET {
@@ -240,7 +254,12 @@ impl<R: Resolve + Send + Sync + 'static> Service<R> {
                     Ok(identity) => identity,
                     Err(denial) => {
                         audit.emit("denied", &denial.to_string());
-                        return response::identity_not_found();
+                        return match denial {
+                            Denial::Ambiguous(_) => response::several_identities(),
+                            Denial::NothingBound | Denial::NotBound => {
+                                response::identity_not_found()
+                            }
+                        };
                     }
                 };
                 audit.identity = identity.client_id.clone();

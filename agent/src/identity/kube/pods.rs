@@ -30,17 +30,27 @@ impl Pods {
         self.events.send_modify(|n| *n = n.wrapping_add(1));
     }
 
+    /// The pod whose UID is `uid`; failing that, the mirror pod of the static pod that runs under `uid` (its config
+    /// hash). The exact UID always wins, and a mirror annotation counts only on a pod the kubelet created for a static
+    /// pod (owned by its Node): anyone who can create a pod can write the annotation, and must not thereby claim
+    /// another pod's cgroup.
     fn lookup(&self, uid: &str) -> Option<Arc<Pod>> {
-        // A linear scan: a node runs at most a few hundred pods, and the read lock is held for microseconds.
-        self.store.find(|p| {
-            p.metadata
-                .uid
-                .as_deref()
-                .is_some_and(|u| u.eq_ignore_ascii_case(uid))
-                || p.annotations()
-                    .get(MIRROR_ANNOTATION)
-                    .is_some_and(|m| m.eq_ignore_ascii_case(uid))
-        })
+        // Linear scans: a node runs at most a few hundred pods, and the read lock is held for microseconds.
+        self.store
+            .find(|p| {
+                p.metadata
+                    .uid
+                    .as_deref()
+                    .is_some_and(|u| u.eq_ignore_ascii_case(uid))
+            })
+            .or_else(|| {
+                self.store.find(|p| {
+                    is_mirror_pod(p)
+                        && p.annotations()
+                            .get(MIRROR_ANNOTATION)
+                            .is_some_and(|m| m.eq_ignore_ascii_case(uid))
+                })
+            })
     }
 
     /// The pod with this UID once `complete` holds for it (e.g. the kubelet reported its address), waiting up to
@@ -66,4 +76,11 @@ impl Pods {
             }
         }
     }
+}
+
+/// A mirror pod: the API server's copy of a static pod, which the kubelet creates owned by its Node.
+fn is_mirror_pod(pod: &Pod) -> bool {
+    pod.owner_references()
+        .iter()
+        .any(|o| o.kind == "Node" && o.api_version == "v1" && o.controller == Some(true))
 }

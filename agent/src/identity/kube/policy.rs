@@ -28,6 +28,7 @@ use kube::{
 
 use super::crd::{self, AzureIdentity, AzureIdentityBinding, AzurePodIdentityException};
 use crate::identity::{
+    azure_id,
     binding::{Binding, Identity, IdentityKind, Workload},
     secrets::SecretRef,
 };
@@ -204,6 +205,15 @@ pub fn to_identity(az: &AzureIdentity, cluster_wide: bool) -> Result<Identity, S
         .clone()
         .filter(|c| !c.trim().is_empty())
         .ok_or_else(|| format!("AzureIdentity {ns}/{name} has no clientID"))?;
+    // As the bindings file does: a client id is what IMDS is asked for and half of the token cache's key, so only the
+    // shape Azure gives them (a GUID) gets that far.
+    if !azure_id::is_guid(client_id.trim()) {
+        return Err(format!(
+            "AzureIdentity {ns}/{name} has clientID {client_id:?}, which is not a GUID (8-4-4-4-12 hex digits, as the \
+             Azure portal and `az identity show --query clientId` print it)"
+        ));
+    }
+    let client_id = client_id.trim().to_owned();
     let kind = match az.spec.type_.unwrap_or(crd::TYPE_USER_ASSIGNED_MSI) {
         crd::TYPE_USER_ASSIGNED_MSI => IdentityKind::UserAssigned,
         crd::TYPE_SERVICE_PRINCIPAL => {

@@ -18,6 +18,10 @@ use super::{
 };
 use crate::identity::{Binding, IdentityKind, SecretRef, Workload};
 
+const CLIENT_A: &str = "aaaaaaaa-aaaa-4aaa-8aaa-aaaaaaaaaaaa";
+const CLIENT_B: &str = "bbbbbbbb-bbbb-4bbb-8bbb-bbbbbbbbbbbb";
+const CLIENT_C: &str = "cccccccc-cccc-4ccc-8ccc-cccccccccccc";
+
 fn az(ns: &str, name: &str, spec: crd::AzureIdentitySpec) -> AzureIdentity {
     let mut a = AzureIdentity::new(name, spec);
     a.metadata.namespace = Some(ns.into());
@@ -31,7 +35,7 @@ fn identity_types() {
         "mi",
         crd::AzureIdentitySpec {
             type_: Some(0),
-            client_id: Some("C".into()),
+            client_id: Some(CLIENT_C.into()),
             resource_id: Some("/subscriptions/x".into()),
             ..Default::default()
         },
@@ -47,7 +51,7 @@ fn identity_types() {
             "sp",
             crd::AzureIdentitySpec {
                 type_: Some(1),
-                client_id: Some("C".into()),
+                client_id: Some(CLIENT_C.into()),
                 tenant_id: Some("T".into()),
                 client_password: Some(SecretReference {
                     name: Some("s".into()),
@@ -81,13 +85,48 @@ fn identity_types() {
         "cert",
         crd::AzureIdentitySpec {
             type_: Some(2),
-            client_id: Some("C".into()),
+            client_id: Some(CLIENT_C.into()),
             ..Default::default()
         },
     );
     assert!(to_identity(&cert, false).is_err_and(|e| e.contains("type 2")));
     let no_client = az("a", "x", crd::AzureIdentitySpec::default());
     assert!(to_identity(&no_client, false).is_err_and(|e| e.contains("no clientID")));
+    // Anything but a GUID is refused with what to do, whatever it holds (separators of old cache keys, paths, ...).
+    for bad in [
+        "C",
+        "aaaa|sp|t",
+        "../x",
+        "11111111-1111-1111-1111-11111111111g",
+        " ",
+    ] {
+        let odd = az(
+            "a",
+            "odd",
+            crd::AzureIdentitySpec {
+                client_id: Some(bad.into()),
+                ..Default::default()
+            },
+        );
+        let got = to_identity(&odd, false);
+        assert!(
+            got.as_ref()
+                .is_err_and(|e| e.contains("not a GUID") || e.contains("no clientID")),
+            "{bad:?}: {got:?}"
+        );
+    }
+    let spaced = az(
+        "a",
+        "spaced",
+        crd::AzureIdentitySpec {
+            client_id: Some(format!(" {CLIENT_A} ")),
+            ..Default::default()
+        },
+    );
+    assert_eq!(
+        to_identity(&spaced, false).map(|i| i.client_id),
+        Ok(CLIENT_A.to_owned())
+    );
 }
 
 fn apply<K>(objs: Vec<K>) -> Store<K>
@@ -145,9 +184,9 @@ fn policy(cluster_wide: bool) -> Policy {
     Policy {
         cluster_wide,
         identities: apply(vec![
-            mi("a", "id1", "AAAA"),
-            mi("b", "id1", "aaaa"),
-            mi("b", "id2", "bbbb"),
+            mi("a", "id1", &CLIENT_A.to_ascii_uppercase()),
+            mi("b", "id1", CLIENT_A),
+            mi("b", "id2", CLIENT_B),
         ]),
         bindings: apply(vec![
             bind("a", "b1", "id1", "web"),
@@ -162,12 +201,15 @@ fn policy(cluster_wide: bool) -> Policy {
 #[test]
 fn bound_summary_spots_identities_bound_in_several_namespaces() {
     let (ids, spread) = policy(false).bound_summary();
-    assert_eq!(ids, BTreeSet::from(["aaaa".to_owned(), "bbbb".to_owned()]));
     assert_eq!(
-        spread["aaaa"],
+        ids,
+        BTreeSet::from([CLIENT_A.to_owned(), CLIENT_B.to_owned()])
+    );
+    assert_eq!(
+        spread[CLIENT_A],
         BTreeSet::from(["a".to_owned(), "b".to_owned()])
     );
-    assert_eq!(spread["bbbb"].len(), 1);
+    assert_eq!(spread[CLIENT_B].len(), 1);
 }
 
 #[test]

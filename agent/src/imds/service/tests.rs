@@ -167,6 +167,7 @@ fn get(uri: &str) -> Request<()> {
 
 const TOKEN_URI: &str = "/metadata/identity/oauth2/token?api-version=2018-02-01&resource=https%3A%2F%2Fmanagement.azure.com%2F";
 const NOT_FOUND: &str = r#"{"error":"invalid_request","error_description":"Identity not found"}"#;
+const SEVERAL: &str = r#"{"error":"invalid_request","error_description":"Multiple user assigned identities exist, please specify the clientId / resourceId of the identity in the token request"}"#;
 
 impl Harness {
     async fn call(&self, pid: u32, req: Request<()>) -> (StatusCode, Option<String>, String) {
@@ -330,20 +331,24 @@ async fn backslash_and_case_variants_reach_the_checked_token_endpoint() {
 }
 
 #[tokio::test]
-async fn unbound_unassigned_and_ambiguous_callers_get_identity_not_found() {
+async fn unbound_and_unassigned_callers_get_identity_not_found_ambiguous_ones_imds_own_words() {
     let h = serving_token_a();
     let cases = [
-        (UNBOUND, TOKEN_URI.to_owned()),
-        (99, TOKEN_URI.to_owned()),
-        (BOUND_ONE, format!("{TOKEN_URI}&client_id=client-b")),
-        (BOUND_ONE, format!("{TOKEN_URI}&object_id=oid-b")),
-        (BOUND_TWO, TOKEN_URI.to_owned()),
+        (UNBOUND, TOKEN_URI.to_owned(), NOT_FOUND),
+        (99, TOKEN_URI.to_owned(), NOT_FOUND),
+        (
+            BOUND_ONE,
+            format!("{TOKEN_URI}&client_id=client-b"),
+            NOT_FOUND,
+        ),
+        (BOUND_ONE, format!("{TOKEN_URI}&object_id=oid-b"), NOT_FOUND),
+        (BOUND_TWO, TOKEN_URI.to_owned(), SEVERAL),
     ];
-    for (pid, uri) in cases {
+    for (pid, uri, want) in cases {
         let (status, ct, body) = h.call(pid, get(&uri)).await;
         assert_eq!(
             (status, ct.as_deref(), body.as_str()),
-            (StatusCode::BAD_REQUEST, Some(JSON), NOT_FOUND),
+            (StatusCode::BAD_REQUEST, Some(JSON), want),
             "{pid} {uri}"
         );
     }
@@ -353,6 +358,38 @@ async fn unbound_unassigned_and_ambiguous_callers_get_identity_not_found() {
         .call(BOUND_TWO, get(&format!("{TOKEN_URI}&client_id=client-a")))
         .await;
     assert_eq!(status, StatusCode::OK);
+}
+
+/// IMDS refuses requests that went through a proxy (`X-Forwarded-For`), on every path: a pod's web proxy relaying a
+/// user's URL must not reach a token, nor instance metadata.
+#[tokio::test]
+async fn a_request_through_a_proxy_is_refused_on_every_path_and_never_forwarded() {
+    let (captured, _guard) = capture_audit();
+    let h = serving_token_a();
+    for uri in [TOKEN_URI, "/metadata/instance?api-version=2021-02-01"] {
+        for value in ["10.0.0.1", ""] {
+            let req = Request::get(uri)
+                .header("Metadata", "true")
+                .header("X-Forwarded-For", value)
+                .body(())
+                .expect("request");
+            let (status, _, body) = h.call(BOUND_ONE, req).await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{uri} {value:?}");
+            assert!(body.contains("X-Forwarded-For"), "{body}");
+        }
+    }
+    assert_eq!(h.upstream.calls(), 0, "nothing forwarded");
+    assert_eq!(h.resolves.load(Ordering::SeqCst), 0, "nothing resolved");
+    let events = captured.0.lock().map(|e| e.clone()).unwrap_or_default();
+    let reasons: Vec<(&str, &str)> = events
+        .iter()
+        .map(|e| (e["outcome"].as_str(), e["reason"].as_str()))
+        .collect();
+    assert_eq!(
+        reasons,
+        [("denied", "x_forwarded_for"), ("denied", "x_forwarded_for")],
+        "one audit per refused token request"
+    );
 }
 
 #[tokio::test]
@@ -371,7 +408,7 @@ async fn node_exception_is_forwarded_unchanged() {
     let uri = format!("{TOKEN_URI}&client_id=anything");
     let req = Request::get(uri.as_str())
         .header("Metadata", "true")
-        .header("X-Forwarded-For", "1.2.3.4")
+        .header("X-Ms-Client-Request-Id", "1234")
         .body(())
         .expect("request");
     let (status, _, body) = h.call(EXCEPTION, req).await;
@@ -635,6 +672,11 @@ async fn one_audit_event_per_token_decision() {
     let h = serving_token_a();
     let probe = Request::get(TOKEN_URI).body(()).expect("request");
     h.call(BOUND_ONE, probe).await;
+    let wrong = Request::get(TOKEN_URI)
+        .header("Metadata", "True")
+        .body(())
+        .expect("request");
+    h.call(BOUND_ONE, wrong).await;
     h.call(BOUND_ONE, get(TOKEN_URI)).await;
     h.call(BOUND_ONE, get(TOKEN_URI)).await;
     h.call(BOUND_TWO, get(TOKEN_URI)).await;
@@ -655,6 +697,7 @@ async fn one_audit_event_per_token_decision() {
     assert_eq!(
         summary,
         [
+            ("probe", "none", "", ""),
             ("denied", "none", "", ""),
             ("granted", "miss", "client-a", "web-1"),
             ("granted", "hit", "client-a", "web-1"),
@@ -662,7 +705,7 @@ async fn one_audit_event_per_token_decision() {
             ("forwarded", "none", "", "mic-1"),
         ]
     );
-    let granted = &events[1];
+    let granted = &events[2];
     for (field, want) in [
         ("event", "token"),
         ("pid", "1"),
@@ -681,10 +724,11 @@ async fn one_audit_event_per_token_decision() {
     }
     assert!(granted.contains_key("latency_ms"));
     assert_eq!(events[0]["reason"], "metadata_header_missing");
+    assert_eq!(events[1]["reason"], "metadata_header_invalid");
     assert!(
-        events[3]["reason"].contains("pass client_id"),
+        events[4]["reason"].contains("pass client_id"),
         "{:?}",
-        events[3]
+        events[4]
     );
 }
 
