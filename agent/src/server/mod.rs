@@ -3,9 +3,11 @@
 //!
 //! - this file: the listener, the accept loop and the drain;
 //! - `connection`: one connection, from attestation to its last response;
+//! - `fairness`: each caller's share of the connections;
 //! - `imds_handler`: the IMDS service as the [`Handler`] of attested requests.
 
 mod connection;
+mod fairness;
 mod imds_handler;
 #[cfg(test)]
 mod tests;
@@ -56,6 +58,15 @@ pub struct Limits {
     pub max_header_bytes: usize,
     /// Connections served at once; further accepts wait for a slot.
     pub max_connections: usize,
+    /// Connections one caller (one cgroup) may hold at once; more are answered 429 and closed. HTTP/1.1 serves one
+    /// request per connection at a time, so this is also the caller's limit of requests in flight.
+    pub max_connections_per_caller: usize,
+    /// How long a kept-alive connection may wait for its next request (or a read may stall) before it is closed.
+    pub idle_timeout: Duration,
+    /// How long writing a response may stall (a client that does not read its answers) before the connection is cut.
+    pub write_timeout: Duration,
+    /// After this, the next response closes the connection.
+    pub connection_lifetime: Duration,
     /// Largest request body accepted. IMDS requests are GETs without one; the body is never read, and a client must
     /// not be able to stream an endless one through a kept-alive connection.
     pub max_body_bytes: u64,
@@ -70,6 +81,10 @@ impl Default for Limits {
             header_read_timeout: Duration::from_secs(5),
             max_header_bytes: 16 * 1024,
             max_connections: 4096,
+            max_connections_per_caller: 64,
+            idle_timeout: Duration::from_secs(30),
+            write_timeout: Duration::from_secs(10),
+            connection_lifetime: Duration::from_secs(300),
             max_body_bytes: 4096,
             shutdown_drain: Duration::from_secs(10),
         }
@@ -125,6 +140,7 @@ pub async fn serve<L, H>(
 {
     let graceful = GracefulShutdown::new();
     let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let shares = fairness::CallerSlots::new(limits.max_connections_per_caller);
     loop {
         let next = async {
             let permit = Arc::clone(&slots).acquire_owned().await.ok()?;
@@ -147,15 +163,19 @@ pub async fn serve<L, H>(
                 continue;
             }
         };
-        let (attestor, handler, metrics) = (
+        let (attestor, handler, metrics, shares) = (
             Arc::clone(&attestor),
             Arc::clone(&handler),
             Arc::clone(&metrics),
+            Arc::clone(&shares),
         );
         // Taken here, not in the task: a connection still being attested counts as open for the drain.
         let watcher = graceful.watcher();
         tokio::spawn(async move {
-            connection::serve(stream, peer, &attestor, handler, &metrics, limits, watcher).await;
+            connection::serve(
+                stream, peer, &attestor, handler, &metrics, limits, &shares, watcher,
+            )
+            .await;
             drop(permit);
         });
     }

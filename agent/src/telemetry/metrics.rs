@@ -34,7 +34,7 @@ pub trait KernelStats: Send + Sync + 'static {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TokenLabels {
-    /// granted | denied | error | forwarded | bad_request
+    /// granted | denied | probe | error | forwarded
     pub outcome: &'static str,
     /// hit | miss | none
     pub cache: &'static str,
@@ -59,6 +59,11 @@ pub struct Metrics {
     pub upstream_seconds: Histogram,
     pub upstream_errors: Family<StatusLabels, Counter>,
     pub attestation_failures: Family<ReasonLabels, Counter>,
+    /// Requests refused because their caller was over a per-caller limit, by limit (`connections`).
+    pub caller_limited: Family<ReasonLabels, Counter>,
+    /// Connections the server cut, by why (`io_timeout`: a response not read or a request not sent in time;
+    /// `header_timeout`; `lifetime`).
+    pub connections_cut: Family<ReasonLabels, Counter>,
     pub bindings_loaded: Gauge,
     /// Failed attempts to bind the health address (it was taken, or not an address of this host).
     pub health_bind_failures: Counter,
@@ -79,6 +84,18 @@ impl Metrics {
         let upstream_seconds = Histogram::new(exponential_buckets(0.001, 3.0, 10));
         let upstream_errors = Family::<StatusLabels, Counter>::default();
         let attestation_failures = Family::<ReasonLabels, Counter>::default();
+        let caller_limited = Family::<ReasonLabels, Counter>::default();
+        let connections_cut = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "caller_limited",
+            "Requests refused because their caller (one cgroup) was over a per-caller limit, by limit",
+            caller_limited.clone(),
+        );
+        registry.register(
+            "connections_cut",
+            "Connections the token service closed on a client that was too slow to send or to read, by reason",
+            connections_cut.clone(),
+        );
         let bindings_loaded = Gauge::default();
         let health_bind_failures = Counter::default();
         registry.register(
@@ -123,6 +140,8 @@ impl Metrics {
             upstream_seconds,
             upstream_errors,
             attestation_failures,
+            caller_limited,
+            connections_cut,
             bindings_loaded,
             health_bind_failures,
         }

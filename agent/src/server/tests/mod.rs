@@ -24,6 +24,7 @@ use crate::{
 struct Gate {
     arrived: Notify,
     open: Semaphore,
+    body: Bytes,
 }
 
 impl Default for Gate {
@@ -31,6 +32,7 @@ impl Default for Gate {
         Gate {
             arrived: Notify::new(),
             open: Semaphore::new(0),
+            body: Bytes::from_static(b"answered"),
         }
     }
 }
@@ -46,7 +48,7 @@ impl Handler for Gate {
         if let Ok(permit) = self.open.acquire().await {
             permit.forget();
         }
-        Response::new(Full::new(Bytes::from_static(b"answered")))
+        Response::new(Full::new(self.body.clone()))
     }
 
     fn refusal(&self, status: StatusCode, reason: &'static str) -> Response<Full<Bytes>> {
@@ -56,24 +58,35 @@ impl Handler for Gate {
     }
 }
 
-/// Every connection counts as redirected.
+mod limits;
+
+/// Every connection counts as redirected, from the cgroup whose id is the last byte of its source address (clients
+/// on 127.0.0.2 and 127.0.0.3 are two callers).
 struct AnyConnection;
 
 impl ConnLookup for AnyConnection {
-    fn lookup(&self, _key: &ConnKey) -> Result<Option<ConnRecord>, String> {
-        Ok(Some(ConnRecord::default()))
+    fn lookup(&self, key: &ConnKey) -> Result<Option<ConnRecord>, String> {
+        Ok(Some(ConnRecord {
+            cgroup_id: u64::from(key.client.addr[3]),
+            ..ConnRecord::default()
+        }))
     }
 }
 
 struct Running {
     addr: SocketAddr,
     gate: Arc<Gate>,
+    metrics: Arc<Metrics>,
     stop: watch::Sender<bool>,
     server: JoinHandle<()>,
     _cgroups: tempfile::TempDir,
 }
 
 async fn start(limits: Limits) -> Running {
+    start_with(limits, Gate::default()).await
+}
+
+async fn start_with(limits: Limits, gate: Gate) -> Running {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("local addr");
     let cgroups = tempfile::tempdir().expect("tempdir");
@@ -81,19 +94,21 @@ async fn start(limits: Limits) -> Running {
         AnyConnection,
         Arc::new(CgroupResolver::new(cgroups.path().to_owned())),
     ));
-    let gate = Arc::new(Gate::default());
+    let gate = Arc::new(gate);
     let (stop, stopped) = watch::channel(false);
+    let metrics = Arc::new(Metrics::new());
     let server = tokio::spawn(serve(
         listener,
         attestor,
         Arc::clone(&gate),
-        Arc::new(Metrics::new()),
+        Arc::clone(&metrics),
         limits,
         stopped,
     ));
     Running {
         addr,
         gate,
+        metrics,
         stop,
         server,
         _cgroups: cgroups,
