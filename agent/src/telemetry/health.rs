@@ -37,7 +37,15 @@ pub async fn start(addr: SocketAddr, readiness: Arc<Readiness>, metrics: Arc<Met
     });
 }
 
+/// Connections the health address serves at once: probes and a scraper need a handful. Beyond it a connection is
+/// closed at once, so a flood from the host network cannot grow the agent's memory.
+const MAX_CONNECTIONS: usize = 64;
+/// A probe's whole exchange takes milliseconds; these bound a client that stalls it.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+const IO_TIMEOUT: Duration = Duration::from_secs(10);
+
 async fn serve(listener: TcpListener, readiness: Arc<Readiness>, metrics: Arc<Metrics>) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
@@ -48,18 +56,33 @@ async fn serve(listener: TcpListener, readiness: Arc<Readiness>, metrics: Arc<Me
                 continue;
             }
         };
+        let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
+            metrics
+                .caller_limited
+                .get_or_create(&super::metrics::ReasonLabels {
+                    reason: "health_connections",
+                })
+                .inc();
+            drop(stream);
+            continue;
+        };
         let (readiness, metrics) = (Arc::clone(&readiness), Arc::clone(&metrics));
         tokio::spawn(async move {
             let service = service_fn(move |req: Request<Incoming>| {
                 let answer = route(req.uri().path(), &readiness, metrics.as_ref());
                 async move { Ok::<_, Infallible>(answer) }
             });
-            // A probe sends its request at once; a client that does not must not hold a connection open.
+            // A probe sends its request at once; a client that does not, or does not read the answer (`/metrics` is
+            // large), must not hold a connection open.
+            let mut io = tokio_io_timeout::TimeoutStream::new(stream);
+            io.set_read_timeout(Some(IO_TIMEOUT));
+            io.set_write_timeout(Some(IO_TIMEOUT));
             let _ = http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(std::time::Duration::from_secs(5))
-                .serve_connection(TokioIo::new(stream), service)
+                .header_read_timeout(HEADER_TIMEOUT)
+                .serve_connection(TokioIo::new(Box::pin(io)), service)
                 .await;
+            drop(permit);
         });
     }
 }

@@ -75,3 +75,56 @@ async fn a_policy_that_gives_up_leaves_the_health_listener_unbound() {
             .is_none()
     );
 }
+
+/// A flood of idle connections from the host network: the health address holds at most its cap (the rest are closed
+/// at once, and counted), and a probe still gets its answer as soon as a slot frees.
+#[tokio::test]
+async fn a_flood_of_idle_connections_is_capped_and_probes_are_answered_again() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("local_addr");
+    let metrics = Arc::new(Metrics::new());
+    tokio::spawn(serve(
+        listener,
+        Arc::new(Readiness::default()),
+        Arc::clone(&metrics),
+    ));
+
+    let mut idle = Vec::new();
+    for _ in 0..MAX_CONNECTIONS + 20 {
+        idle.push(tokio::net::TcpStream::connect(addr).await.expect("connect"));
+    }
+    for _ in 0..200 {
+        if metrics
+            .render()
+            .contains(r#"nmi_caller_limited_total{reason="health_connections"} 20"#)
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let text = metrics.render();
+    assert!(
+        text.contains(r#"nmi_caller_limited_total{reason="health_connections"} 20"#),
+        "{text}"
+    );
+    drop(idle);
+    let mut answer = String::new();
+    for _ in 0..100 {
+        let mut probe = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        probe
+            .write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            .await
+            .expect("send");
+        answer.clear();
+        let _ = probe.read_to_string(&mut answer).await;
+        if answer.starts_with("HTTP/1.1 200") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+}
