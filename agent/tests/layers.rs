@@ -25,6 +25,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
         &["imds", "identity", "attest", "datapath", "telemetry"],
     ),
     ("cli", &["telemetry"]),
+    ("boot", &["cli", "attest", "datapath", "telemetry"]),
     (
         "run",
         &[
