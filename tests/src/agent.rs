@@ -191,10 +191,13 @@ impl Agent {
         self.spawn();
     }
 
-    /// `nmi-agent uninstall --pin-dir <dir>`; panics unless it succeeds.
+    /// `nmi-agent uninstall --pin-dir <dir>`; panics unless it succeeds. `--host-root` names an empty directory of
+    /// the test's own: a test never touches the machine's systemd units.
     pub fn uninstall(&self) -> Output {
         let mut cmd = Command::new(&self.bin);
         cmd.args(["uninstall", "--pin-dir"]).arg(&self.pin_dir);
+        cmd.arg("--host-root")
+            .arg(self.log_path.with_file_name("host-root"));
         process::run_ok(&mut cmd)
     }
 
