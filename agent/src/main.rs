@@ -2,6 +2,7 @@
 
 use clap::Parser;
 use nmi_agent::{
+    boot,
     cli::{Cli, Command},
     datapath, run,
 };
@@ -10,7 +11,10 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => run::run(*args),
-        Command::Uninstall(args) => datapath::uninstall(&args.pin_dir)
+        Command::Guard(args) => boot::guard(&args),
+        Command::InstallGuard(args) => boot::install_guard(&args),
+        Command::Uninstall(args) => uninstall_guard(&args.host_root)
+            .and_then(|()| datapath::uninstall(&args.pin_dir).map_err(anyhow::Error::from))
             .map(|done| {
                 if !done.still_loaded.is_empty() {
                     eprintln!(
@@ -23,8 +27,7 @@ fn main() -> std::process::ExitCode {
                 } else {
                     println!("nothing pinned at {}", args.pin_dir.display());
                 }
-            })
-            .map_err(anyhow::Error::from),
+            }),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -33,4 +36,18 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// The boot guard's unit goes first: a reboot in between must not attach the programs again.
+fn uninstall_guard(host_root: &std::path::Path) -> anyhow::Result<()> {
+    let removed = boot::remove(host_root)?;
+    for path in &removed {
+        println!("removed {}", path.display());
+    }
+    if !removed.is_empty() {
+        println!(
+            "the boot guard is gone from the next boot on (`systemctl daemon-reload` forgets it now)"
+        );
+    }
+    Ok(())
 }

@@ -25,6 +25,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
         &["imds", "identity", "attest", "datapath", "telemetry"],
     ),
     ("cli", &["identity", "telemetry"]),
+    ("boot", &["cli", "attest", "datapath", "telemetry"]),
     (
         "run",
         &[

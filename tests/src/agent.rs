@@ -13,6 +13,7 @@ use nmi_testkit::wait::poll;
 
 pub use log::Audit;
 
+use crate::cgroup::Cgroup;
 use crate::process;
 use crate::topology::{Pod, Topology};
 
@@ -55,20 +56,26 @@ impl Agent {
 
     /// [`Agent::start`] with extra environment variables.
     pub fn start_with_env(topo: &Topology, extra: &[&str], env: &[(&str, &str)]) -> Agent {
+        Agent::start_in(topo, &topo.intercepted, topo.in_agent_cgroup(), extra, env)
+    }
+
+    /// [`Agent::start_with_env`] intercepting `intercepted` instead of the topology's subtree, and running in `home`.
+    pub fn start_in(
+        topo: &Topology,
+        intercepted: &Cgroup,
+        home: Pod,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Agent {
         let listen = SocketAddrV4::new(topo.bridge_ip, LISTEN_PORT);
-        let mut args: Vec<String> = vec![
-            "run".into(),
-            "--cgroup".into(),
-            topo.intercepted.path.display().to_string(),
-            "--listen".into(),
-            listen.to_string(),
-            "--pin-dir".into(),
-            topo.pin_dir.display().to_string(),
+        let mut args: Vec<String> = vec!["run".into()];
+        args.extend(intercept_args(topo, intercepted));
+        args.extend([
             "--health-listen".into(),
             format!("127.0.0.1:{HEALTH_PORT}"),
             "--log-format".into(),
             "json".into(),
-        ];
+        ]);
         args.extend(extra.iter().map(|s| s.to_string()));
         let mut agent = Agent {
             bin: Agent::bin(),
@@ -77,7 +84,7 @@ impl Agent {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
-            home: topo.in_agent_cgroup(),
+            home,
             listen,
             pin_dir: topo.pin_dir.clone(),
             log_path: topo.log_dir.join("agent.log"),
@@ -184,10 +191,13 @@ impl Agent {
         self.spawn();
     }
 
-    /// `nmi-agent uninstall --pin-dir <dir>`; panics unless it succeeds.
+    /// `nmi-agent uninstall --pin-dir <dir>`; panics unless it succeeds. `--host-root` names an empty directory of
+    /// the test's own: a test never touches the machine's systemd units.
     pub fn uninstall(&self) -> Output {
         let mut cmd = Command::new(&self.bin);
         cmd.args(["uninstall", "--pin-dir"]).arg(&self.pin_dir);
+        cmd.arg("--host-root")
+            .arg(self.log_path.with_file_name("host-root"));
         process::run_ok(&mut cmd)
     }
 
@@ -240,6 +250,27 @@ impl Agent {
             Ok((status, body))
         })
     }
+}
+
+/// `--cgroup`, `--listen` and `--pin-dir` as the agent gets them on `topo`: what `run` and `guard` share.
+fn intercept_args(topo: &Topology, intercepted: &Cgroup) -> Vec<String> {
+    vec![
+        "--cgroup".into(),
+        intercepted.path.display().to_string(),
+        "--listen".into(),
+        SocketAddrV4::new(topo.bridge_ip, LISTEN_PORT).to_string(),
+        "--pin-dir".into(),
+        topo.pin_dir.display().to_string(),
+    ]
+}
+
+/// `nmi-agent guard` for `topo` with `intercepted` as `--cgroup` (which may not exist yet), run as the boot unit runs
+/// it: outside the intercepted subtree, in the node's network namespace. Panics unless it exits 0; returns its
+/// output.
+pub fn guard(topo: &Topology, intercepted: &Cgroup) -> Output {
+    let mut cmd = topo.outside_in(&topo.hostnet).command(Agent::bin());
+    cmd.arg("guard").args(intercept_args(topo, intercepted));
+    process::run_ok(&mut cmd)
 }
 
 impl Drop for Agent {

@@ -93,6 +93,19 @@ pub fn run<T: for<'de> Deserialize<'de>>(cmd: &mut Command) -> Vec<T> {
     parse(&crate::process::run_ok(cmd).stdout)
 }
 
+/// `nmi-probe` arguments of a workload retrying all the time: a token request every 10 ms, each given 3 s, until the
+/// test closes its stdin (run it with [`Background`]).
+pub const RETRY_LOOP: [&str; 8] = [
+    "http",
+    "--count",
+    "0",
+    "--until-stdin-eof",
+    "--interval-ms",
+    "10",
+    "--timeout-ms",
+    "3000",
+];
+
 /// A probe running in the background (e.g. a connect loop across an agent restart).
 pub struct Background {
     /// None once finished, so that Drop only kills a probe the test abandoned.

@@ -10,9 +10,13 @@ use std::net::SocketAddr;
 use std::thread;
 use std::time::Duration;
 
-use nmi_agent_e2e::agent::HEALTH_PORT;
+use nmi_agent_e2e::agent::{self, HEALTH_PORT};
+use nmi_agent_e2e::bindings::{self, FileIdentity};
+use nmi_agent_e2e::cgroup::Cgroup;
+use nmi_agent_e2e::imds_emulator::EmulatedIdentity;
 use nmi_agent_e2e::netns::Netns;
-use nmi_agent_e2e::probe::Background;
+use nmi_agent_e2e::node::NodeEmulator;
+use nmi_agent_e2e::probe::{Background, RETRY_LOOP};
 use nmi_agent_e2e::trap::{IMDS, TRAP_STATUS};
 use nmi_agent_e2e::wait::wait_until;
 use nmi_agent_e2e::{Agent, Attempt, Audit, Pod, Topology, require_root};
@@ -335,16 +339,7 @@ fn agent_crash_fails_closed_restart_resumes_and_uninstall_restores_direct_access
     let (trap, pod_a, pod_b) = (&w.topo.trap, &w.topo.pod_a, &w.topo.pod_b);
 
     // A workload retrying all the time, across the crash and the restart.
-    let looping = Background::spawn(&mut pod_b.probe_command(&[
-        "http",
-        "--count",
-        "0",
-        "--until-stdin-eof",
-        "--interval-ms",
-        "10",
-        "--timeout-ms",
-        "3000",
-    ]));
+    let looping = Background::spawn(&mut pod_b.probe_command(&RETRY_LOOP));
     // Served by the agent at least once before the crash: polled, not slept, so a slow machine cannot fool it.
     let served_b = |agent: &Agent| {
         agent
@@ -456,6 +451,188 @@ fn agent_crash_fails_closed_restart_resumes_and_uninstall_restores_direct_access
     assert!(
         trap.packets() > 0,
         "trap counter did not see the direct connection"
+    );
+}
+
+/// The pinned links under `pin_dir`, sorted: which programs intercept, and from which start.
+fn pinned_links(pin_dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut links: Vec<_> = std::fs::read_dir(pin_dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .flat_map(|layout| {
+            std::fs::read_dir(layout.path().join("links"))
+                .into_iter()
+                .flatten()
+        })
+        .flatten()
+        .map(|link| link.path())
+        .collect();
+    links.sort();
+    links
+}
+
+/// A node's boot: no pins, and no pods cgroup yet (the kubelet has not run). The boot guard attaches, creating the
+/// cgroup as the kubelet would; a pod loops on IMDS from its first instant and is refused at once, with nothing
+/// reaching IMDS; the agent then starts (a pod itself), adopts the pins and serves the same process its own token. The
+/// guard run again, before or after the agent is up, changes nothing.
+#[test]
+fn at_boot_the_guard_fails_pods_closed_until_the_agent_adopts_its_pins_and_serves_them() {
+    if !require_root("datapath::boot") {
+        return;
+    }
+    const IDENTITY: (&str, &str) = ("boot-mi", "44444444-4444-4444-4444-444444444444");
+    let topo = Topology::new();
+    // A leak would be answered by "IMDS" (and counted), not refused.
+    let imds = topo.trap.listen_tcp(80);
+    let kubepods = Cgroup {
+        path: topo.cgroup.path.join("kubepods"),
+    };
+    assert!(
+        !kubepods.path.exists() && pinned_links(&topo.pin_dir).is_empty(),
+        "not a boot: the pods cgroup or pins exist already"
+    );
+
+    let said = |out: &std::process::Output| String::from_utf8_lossy(&out.stdout).into_owned();
+    let first = said(&agent::guard(&topo, &kubepods));
+    assert!(first.contains("links pinned"), "guard: {first}");
+    assert!(
+        kubepods.path.is_dir(),
+        "the guard did not create the pods cgroup"
+    );
+    let guarded = pinned_links(&topo.pin_dir);
+    assert!(
+        !guarded.is_empty(),
+        "the guard exited 0 without pinning anything"
+    );
+
+    // The kubelet creates a pod's cgroup and starts it; its first instruction is a token request, repeated.
+    let pod = Pod {
+        label: "pod-boot".into(),
+        cgroup: Cgroup::create(kubepods.path.join("pod-boot")),
+        ..topo.pod_a.clone()
+    };
+    let looping = Background::spawn(&mut pod.probe_command(&RETRY_LOOP));
+    let refused = pod.probe_one(&["connect"]);
+    assert_eq!(
+        refused.error.as_deref(),
+        Some("ConnectionRefused"),
+        "a pod's connect with only the guard attached: {refused:?}"
+    );
+    let again = said(&agent::guard(&topo, &kubepods));
+    assert!(again.contains("left as it is"), "second guard: {again}");
+    assert_eq!(
+        pinned_links(&topo.pin_dir),
+        guarded,
+        "a second guard replaced the links"
+    );
+    thread::sleep(SETTLE);
+    assert_eq!(
+        topo.trap.packets(),
+        0,
+        "with the guard attached, a pod reached 169.254.169.254"
+    );
+
+    // The agent is a pod too: it starts under the pods cgroup the guard intercepts, and adopts the pins.
+    let emu = NodeEmulator::start(
+        &topo.node,
+        SocketAddr::from((topo.bridge_ip, 8079)),
+        vec![EmulatedIdentity::new(IDENTITY.1, IDENTITY.0)],
+    );
+    let file = bindings::write(
+        &topo.log_dir,
+        &[FileIdentity::new(IDENTITY.0, IDENTITY.1)],
+        &[("pod-boot", IDENTITY.0)],
+    );
+    let home = Pod {
+        label: "agent".into(),
+        cgroup: Cgroup::create(kubepods.path.join("agent")),
+        ..topo.hostnet.clone()
+    };
+    let file = file.display().to_string();
+    let agent = Agent::start_in(
+        &topo,
+        &kubepods,
+        home,
+        &["--bindings", &file, "--imds-url", &emu.url()],
+        &[],
+    );
+    wait_for(
+        || emu.calls_for(IDENTITY.1) > 0,
+        "the looping pod's identity asked of IMDS by the agent",
+    );
+    let adopted = pinned_links(&topo.pin_dir);
+    assert!(
+        !adopted.is_empty() && adopted.iter().all(|link| !guarded.contains(link)),
+        "the agent did not replace the guard's links: {guarded:?} -> {adopted:?}"
+    );
+    // With the agent up, the guard (a rerun of the unit, an operator) leaves its links alone.
+    let with_agent = said(&agent::guard(&topo, &kubepods));
+    assert!(
+        with_agent.contains("left as it is"),
+        "guard with the agent up: {with_agent}"
+    );
+    assert_eq!(
+        pinned_links(&topo.pin_dir),
+        adopted,
+        "the guard replaced the agent's links"
+    );
+    assert_attested(&agent, &pod, &pod.probe_one(&["http"]));
+
+    let looped = looping.finish();
+    let first_served = looped.iter().position(Attempt::answered);
+    println!(
+        "boot loop: {} attempts, first answer at attempt {first_served:?}",
+        looped.len()
+    );
+    let first_served = first_served.expect("the looping pod was never served");
+    assert!(
+        first_served > 0,
+        "served before the agent started, so the loop proves nothing"
+    );
+    assert!(
+        looped.iter().all(|a| a.pid == looped[0].pid),
+        "the loop is not one process: the pod was restarted"
+    );
+    assert_eq!(
+        looped[0].error.as_deref(),
+        Some("ConnectionRefused"),
+        "the pod's first request: {:?}",
+        looped[0]
+    );
+    assert!(
+        looped[0].elapsed_us < 1_000_000,
+        "refusing took {} µs",
+        looped[0].elapsed_us
+    );
+    assert!(
+        looped[..first_served].iter().all(|a| !a.answered()),
+        "answered before the agent served"
+    );
+    let served = &looped[first_served];
+    assert!(
+        served
+            .status
+            .as_deref()
+            .is_some_and(|s| s.contains(" 200 ")),
+        "the first answer is not a token: {served:?}"
+    );
+    assert!(
+        agent.audits().iter().any(|a| a.verdict == "attested"
+            && Some(a.peer) == served.local
+            && a.cgroup.as_deref() == Some("/pod-boot")
+            && a.pid == Some(served.pid)),
+        "the token was not served to the looping pod's own cgroup and process"
+    );
+    thread::sleep(SETTLE);
+    assert_eq!(
+        topo.trap.packets(),
+        0,
+        "a pod reached 169.254.169.254 during the boot"
+    );
+    assert!(
+        imds.accepted().is_empty(),
+        "\"IMDS\" accepted a pod's connection"
     );
 }
 

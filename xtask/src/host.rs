@@ -77,6 +77,20 @@ pub fn ensure_host_tools(apt: &mut Apt) -> Result<()> {
     ensure_programs(apt, "host tools", &HOST_TOOLS)
 }
 
+/// What the agent's own tests shell out to: the boot guard's unit is checked with `systemd-analyze verify` and
+/// `systemctl is-enabled` against a temporary root (no running systemd needed).
+const UNIT_TEST_TOOLS: [(&str, &str); 2] =
+    [("systemd-analyze", "systemd"), ("systemctl", "systemd")];
+
+/// Installs the unit tests' tools when they are missing. Only root can; without root a missing tool makes its test
+/// skip loudly (or fail under CI), and the test says how to install it.
+pub fn ensure_unit_test_tools(apt: &mut Apt) -> Result<()> {
+    if !is_root()? {
+        return Ok(());
+    }
+    ensure_programs(apt, "unit test tools", &UNIT_TEST_TOOLS)
+}
+
 /// Installs the Debian package of every (program, package) whose program is not on PATH, then checks it arrived;
 /// `what` names the set in the progress line.
 pub fn ensure_programs(apt: &mut Apt, what: &str, tools: &[(&str, &str)]) -> Result<()> {

@@ -54,7 +54,9 @@ pub fn test(root: &Path, quick: bool) -> Result<()> {
         toolchain::ensure_nightly_clippy()?;
         ebpf::clippy(root, &artifacts::target_dir(root))
     })?;
+    let mut apt = Apt::default();
     steps.run("unit tests", || {
+        host::ensure_unit_test_tools(&mut apt)?;
         cmd::run(
             cmd::cargo()
                 .args(["test", "--workspace", "--exclude", "nmi-agent-e2e"])
@@ -107,7 +109,6 @@ pub fn test(root: &Path, quick: bool) -> Result<()> {
     }
 
     let venv = artifacts::target_dir(root).join("pyenv");
-    let mut apt = Apt::default();
     let python = steps.run("host tools", || {
         host::ensure_host_tools(&mut apt)?;
         host::ensure_python_clients(root, &venv, &mut apt)

@@ -3,7 +3,7 @@
 
 use std::net::{IpAddr, SocketAddr, SocketAddrV4};
 
-use super::{DEFAULT_PORT, RunArgs};
+use super::{DEFAULT_PORT, InterceptArgs};
 
 /// A `--listen` (or `NODE_IP`) the redirect could not use, with what to pass instead.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
@@ -38,7 +38,7 @@ pub fn token_listen_addr(
     Ok(v4)
 }
 
-impl RunArgs {
+impl InterceptArgs {
     /// The token service address from `--listen` or `NODE_IP`; see [`token_listen_addr`].
     pub fn listen_addr(&self) -> Result<SocketAddrV4, ListenError> {
         token_listen_addr(self.listen, self.node_ip)

@@ -26,7 +26,14 @@ pub struct Cli {
 pub enum Command {
     /// Intercept IMDS calls in the cgroup subtree and serve each caller the token of its own identity.
     Run(Box<RunArgs>),
-    /// Remove every pinned program and map: pods reach IMDS directly again. For operators removing the agent.
+    /// Attach the programs (or keep those already pinned) and exit without serving: pods' IMDS connects fail closed
+    /// until `run` adopts the pins. Run at every boot, before the kubelet, by the unit `install-guard` writes.
+    Guard(GuardArgs),
+    /// Write the boot guard's systemd unit, its enable link and this binary into a host root (the DaemonSet's init
+    /// container); `uninstall` removes them again.
+    InstallGuard(InstallGuardArgs),
+    /// Remove every pinned program and map, and the boot guard's unit: pods reach IMDS directly again. For operators
+    /// removing the agent.
     Uninstall(UninstallArgs),
 }
 
@@ -35,8 +42,10 @@ pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/nmi-agent";
 /// The taint key deploy/, deploy/startup-taint-policy.yaml and the docs use.
 pub const DEFAULT_STARTUP_TAINT: &str = "nmi-agent.io/not-ready";
 
+/// What the kernel programs are attached to and where they send pods' connects: shared by `run`, `guard` and
+/// `install-guard`, so the boot guard and the agent agree on every value and its default.
 #[derive(Debug, Args)]
-pub struct RunArgs {
+pub struct InterceptArgs {
     /// Intercepted cgroup v2 subtree. Kubernetes default: the kubelet's pods cgroup (kubepods.slice or kubepods), so
     /// node daemons keep the node's identity; required in standalone mode.
     #[arg(long, env = "NMI_AGENT_CGROUP")]
@@ -50,6 +59,16 @@ pub struct RunArgs {
     /// The node's IP (Kubernetes: from the downward API); used for the default --listen.
     #[arg(long, env = "NODE_IP")]
     pub node_ip: Option<IpAddr>,
+
+    /// Where programs' links and maps are pinned (on a bpf filesystem; mounted at /sys/fs/bpf when missing).
+    #[arg(long, env = "NMI_AGENT_PIN_DIR", default_value = DEFAULT_PIN_DIR)]
+    pub pin_dir: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub intercept: InterceptArgs,
 
     /// The real IMDS.
     #[arg(
@@ -107,17 +126,48 @@ pub struct RunArgs {
     )]
     pub health_listen: SocketAddr,
 
-    /// Where programs' links and maps are pinned (on a bpf filesystem; mounted at /sys/fs/bpf when missing).
-    #[arg(long, env = "NMI_AGENT_PIN_DIR", default_value = DEFAULT_PIN_DIR)]
-    pub pin_dir: PathBuf,
-
     /// Log format.
     #[arg(long, env = "NMI_AGENT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 }
 
 #[derive(Debug, Args)]
+pub struct GuardArgs {
+    #[command(flatten)]
+    pub intercept: InterceptArgs,
+}
+
+/// Whether a failed boot guard keeps the kubelet from starting (docs/boot.md, "When the guard fails").
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum KubeletDependency {
+    /// `RequiredBy=kubelet.service`: no guard, no kubelet, no pods; the node stays NotReady until it is fixed.
+    Required,
+    /// `WantedBy=kubelet.service`: the kubelet starts anyway and pods run unguarded until the agent attaches.
+    Wanted,
+}
+
+#[derive(Debug, Args)]
+pub struct InstallGuardArgs {
+    #[command(flatten)]
+    pub intercept: InterceptArgs,
+
+    /// Where the host's root filesystem is mounted (the DaemonSet mounts just /etc/systemd/system and
+    /// /opt/nmi-agent under it).
+    #[arg(long, env = "NMI_AGENT_HOST_ROOT", default_value = "/")]
+    pub host_root: PathBuf,
+
+    /// What a failed guard does to the kubelet.
+    #[arg(long, env = "NMI_AGENT_GUARD_KUBELET", value_enum, default_value_t = KubeletDependency::Required)]
+    pub kubelet_dependency: KubeletDependency,
+}
+
+#[derive(Debug, Args)]
 pub struct UninstallArgs {
     #[arg(long, env = "NMI_AGENT_PIN_DIR", default_value = DEFAULT_PIN_DIR)]
     pub pin_dir: PathBuf,
+
+    /// Where the host's root filesystem is mounted: the boot guard's unit, its enable link and binary are removed
+    /// from there (only files `install-guard` wrote).
+    #[arg(long, env = "NMI_AGENT_HOST_ROOT", default_value = "/")]
+    pub host_root: PathBuf,
 }

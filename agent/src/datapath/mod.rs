@@ -48,6 +48,32 @@ pub struct Options {
     pub health: Option<SocketAddrV4>,
 }
 
+/// What [`guard`] found, and the pinned links that intercept from now on.
+#[derive(Debug)]
+pub enum Guarded {
+    /// Not every program had a pinned link: all of them were attached and pinned now (make-before-break over any
+    /// that were there).
+    Attached(Vec<PathBuf>),
+    /// Every program already had a pinned link of this layout (an earlier guard, or a running agent): left as is.
+    AlreadyPinned(Vec<PathBuf>),
+}
+
+/// The boot guard's start: attaches and pins the programs unless every one of them is pinned already, in which case
+/// nothing is touched. A running agent's links (and the configuration it wrote) are never replaced by a guard, so
+/// the guard can run at any time without disturbing the service.
+pub fn guard(opts: &Options) -> Result<Guarded, DatapathError> {
+    let pinned = pins::pinned_links(&opts.pin_dir);
+    let complete = load::ATTACH_ORDER
+        .iter()
+        .all(|name| pinned.iter().any(|(program, _)| program == name));
+    if complete {
+        return Ok(Guarded::AlreadyPinned(
+            pinned.into_iter().map(|(_, pin)| pin).collect(),
+        ));
+    }
+    Datapath::start(opts).map(|datapath| Guarded::Attached(datapath.links))
+}
+
 /// The loaded, attached and pinned datapath.
 pub struct Datapath {
     maps: Maps,

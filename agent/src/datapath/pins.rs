@@ -98,6 +98,21 @@ impl Pins {
     }
 }
 
+/// The links of this layout pinned under `pin_dir` that still open as links, each with the program it was pinned for
+/// (the name before the generation suffix).
+pub fn pinned_links(pin_dir: &Path) -> Vec<(String, PathBuf)> {
+    let Ok(pins) = list_dir(&state_dir(pin_dir).join("links")) else {
+        return Vec::new();
+    };
+    pins.into_iter()
+        .filter(|pin| PinnedLink::from_pin(pin).is_ok())
+        .filter_map(|pin| {
+            let (program, _generation) = pin.file_name()?.to_str()?.rsplit_once('-')?;
+            Some((program.to_owned(), pin.clone()))
+        })
+        .collect()
+}
+
 /// Removes every layout directory (`v<N>`) nmi-agent pinned under `pin_dir`, then `pin_dir` itself if that left it
 /// empty; the kernel detaches each program once its last link reference is gone. Nothing else under `pin_dir` is
 /// touched, so a mistaken `--pin-dir /sys/fs/bpf` cannot wipe other software's pins.

@@ -61,7 +61,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
         ),
     };
     let mount = cgroupfs::cgroup2_mount()?;
-    let cgroup = match (&args.cgroup, &mode) {
+    let cgroup = match (&args.intercept.cgroup, &mode) {
         (Some(dir), _) => dir.clone(),
         (None, Mode::Standalone(_)) => bail!(
             "--cgroup is required in standalone mode (--bindings): name the subtree to intercept"
@@ -69,7 +69,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
         (None, Mode::Kubernetes { .. }) => cgroupfs::kubepods(&mount)?,
     };
     let cgroup = cgroupfs::check_under_mount(&cgroup, &mount)?;
-    let listen = args.listen_addr()?;
+    let listen = args.intercept.listen_addr()?;
     let own = cgroupfs::own_cgroup(&mount, &cgroup)?;
     let own_id = cgroupfs::cgroup_id(&own)?;
 
@@ -128,7 +128,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
     };
     let opts = datapath::Options {
         cgroup: cgroup.clone(),
-        pin_dir: args.pin_dir.clone(),
+        pin_dir: args.intercept.pin_dir.clone(),
         redirect: listen,
         exempt: vec![own_id],
         // Without it (Linux < 5.14) the bind guard stays off; everything else works.
@@ -156,7 +156,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
         cgroup = %cgroup.display(),
         redirect = %listen,
         exempt_cgroup = %own.display(),
-        pin_dir = %args.pin_dir.display(),
+        pin_dir = %args.intercept.pin_dir.display(),
         links = datapath.links().len(),
         "kernel programs attached"
     );

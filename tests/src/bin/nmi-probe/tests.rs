@@ -1,5 +1,7 @@
 use clap::{CommandFactory, Parser};
 
+use nmi_agent_e2e::probe::RETRY_LOOP;
+
 use super::*;
 
 fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
@@ -16,16 +18,7 @@ fn every_mode_takes_the_options_the_end_to_end_tests_give_it() {
     for args in [
         &["http"][..],
         &["http", "--count", "500", "--concurrency", "64"],
-        &[
-            "http",
-            "--count",
-            "0",
-            "--until-stdin-eof",
-            "--interval-ms",
-            "10",
-            "--timeout-ms",
-            "3000",
-        ],
+        &RETRY_LOOP,
         &["http", "--addr", "10.213.0.1:2579", "--duration-ms", "100"],
         &["connect", "--addr", "169.254.169.254:443"],
         &["bind", "--addr", "[::]:2579"],
