@@ -185,6 +185,14 @@ impl Agent {
         }
     }
 
+    /// Starts the agent again with the same arguments in another cgroup, as Kubernetes does for a new container of the
+    /// DaemonSet (killing the old one first if it still runs).
+    pub fn restart_in(&mut self, home: Pod) {
+        self.kill9();
+        self.home = home;
+        self.spawn();
+    }
+
     /// Starts the agent again with the same arguments (killing it first if it still runs).
     pub fn restart(&mut self) {
         self.kill9();

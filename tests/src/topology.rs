@@ -226,6 +226,15 @@ impl Topology {
         }
     }
 
+    /// Another cgroup for the agent, next to its first one (what a new container of the DaemonSet gets).
+    pub fn in_new_agent_cgroup(&self, name: &str) -> Pod {
+        Pod {
+            label: name.into(),
+            cgroup: Cgroup::create(self.intercepted.path.join(name)),
+            ..self.hostnet.clone()
+        }
+    }
+
     /// All namespace names of this topology (for leak checks).
     pub fn netns_names(&self) -> &[String] {
         self.cleanup.netns_names()

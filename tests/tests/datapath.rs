@@ -331,6 +331,23 @@ fn bypass_attempts_from_a_pod_fail_and_never_reach_imds() {
     );
 }
 
+/// Kubernetes restarts a crashed agent in a new container, so in a new cgroup: the programs the dead agent pinned
+/// (their bind guard lets only exempt cgroups take the agent's port) must not refuse the new agent its own listener.
+#[test]
+fn an_agent_restarted_in_a_new_cgroup_binds_its_port_and_serves() {
+    let Some(mut w) = world("datapath::new_container") else {
+        return;
+    };
+    let before = w.topo.pod_a.probe_one(&["http"]);
+    assert_attested(&w.agent, &w.topo.pod_a, &before);
+    w.agent.kill9();
+    let home = w.topo.in_new_agent_cgroup("agent-2");
+    w.agent.restart_in(home);
+    let after = w.topo.pod_a.probe_one(&["http"]);
+    assert_attested(&w.agent, &w.topo.pod_a, &after);
+    assert_eq!(w.topo.trap.packets(), 0, "a pod reached 169.254.169.254");
+}
+
 #[test]
 fn agent_crash_fails_closed_restart_resumes_and_uninstall_restores_direct_access() {
     let Some(mut w) = world("datapath::crash") else {

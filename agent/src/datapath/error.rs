@@ -41,6 +41,14 @@ pub enum DatapathError {
         source: aya::maps::MapError,
     },
     #[error(
+        "{what} {path}: {source}; if an earlier agent's pins are damaged, run `nmi-agent uninstall` on this node and start again"
+    )]
+    PinnedMap {
+        what: &'static str,
+        path: PathBuf,
+        source: aya::maps::MapError,
+    },
+    #[error(
         "the eBPF object has no {kind} named {name}; the binary and its object are out of step"
     )]
     Missing {

@@ -9,6 +9,7 @@
 
 mod bpffs;
 mod error;
+mod exempt;
 mod kernel_log;
 mod load;
 mod maps;
@@ -21,6 +22,7 @@ use aya::Ebpf;
 
 pub use bpffs::ensure_bpffs;
 pub use error::DatapathError;
+pub use exempt::exempt_in_pinned;
 pub use kernel_log::{KernelLog, forward_kernel_log};
 pub use maps::ConnLookup;
 pub use pins::{Uninstalled, state_dir, uninstall};

@@ -75,6 +75,12 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
 
     // Listen before attaching, so the first redirected connect already finds us.
     // The health address is bound later and retried while it is taken: it must never stop the token service.
+    // A restarted agent runs in a new cgroup, and the pinned programs' bind guard lets only exempt cgroups take the
+    // agent's port: exempt ours first.
+    let pin_dir = args.intercept.pin_dir.clone();
+    tokio::task::spawn_blocking(move || datapath::exempt_in_pinned(&pin_dir, own_id))
+        .await
+        .context("exempting our cgroup panicked")??;
     let listener = server::bind(listen)?;
     let readiness = Arc::new(Readiness::default());
 
@@ -109,6 +115,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
                 cluster_wide: args.cluster_wide_bindings,
                 source_check: args.check_source_address,
                 node_ips: args
+                    .intercept
                     .node_ip
                     .into_iter()
                     .chain([IpAddr::V4(*listen.ip())])

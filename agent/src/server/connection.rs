@@ -29,16 +29,29 @@ use crate::{
     telemetry::metrics::{Metrics, ReasonLabels},
 };
 
+/// What every connection of one server shares.
+pub(super) struct Door<L, H> {
+    pub attestor: Arc<Attestor<L>>,
+    pub handler: Arc<H>,
+    pub metrics: Arc<Metrics>,
+    pub limits: Limits,
+    pub shares: Arc<CallerSlots>,
+}
+
 pub(super) async fn serve<L: ConnLookup, H: Handler>(
     stream: TcpStream,
     peer: SocketAddr,
-    attestor: &Attestor<L>,
-    handler: Arc<H>,
-    metrics: &Metrics,
-    limits: Limits,
-    slots: &Arc<CallerSlots>,
+    door: &Door<L, H>,
     drain: Watcher,
 ) {
+    let Door {
+        attestor,
+        metrics,
+        limits,
+        shares: slots,
+        ..
+    } = door;
+    let (handler, limits) = (Arc::clone(&door.handler), *limits);
     let attested = match stream.local_addr() {
         Ok(local) => attestor.attest(peer, local),
         Err(e) => Err(AttestError::Socket(e.to_string())),

@@ -140,7 +140,13 @@ pub async fn serve<L, H>(
 {
     let graceful = GracefulShutdown::new();
     let slots = Arc::new(Semaphore::new(limits.max_connections));
-    let shares = fairness::CallerSlots::new(limits.max_connections_per_caller);
+    let door = Arc::new(connection::Door {
+        attestor,
+        handler,
+        metrics,
+        limits,
+        shares: fairness::CallerSlots::new(limits.max_connections_per_caller),
+    });
     loop {
         let next = async {
             let permit = Arc::clone(&slots).acquire_owned().await.ok()?;
@@ -163,19 +169,11 @@ pub async fn serve<L, H>(
                 continue;
             }
         };
-        let (attestor, handler, metrics, shares) = (
-            Arc::clone(&attestor),
-            Arc::clone(&handler),
-            Arc::clone(&metrics),
-            Arc::clone(&shares),
-        );
+        let door = Arc::clone(&door);
         // Taken here, not in the task: a connection still being attested counts as open for the drain.
         let watcher = graceful.watcher();
         tokio::spawn(async move {
-            connection::serve(
-                stream, peer, &attestor, handler, &metrics, limits, &shares, watcher,
-            )
-            .await;
+            connection::serve(stream, peer, &door, watcher).await;
             drop(permit);
         });
     }
