@@ -18,6 +18,7 @@ use nmi_agent_e2e::cgroup::Cgroup;
 use nmi_agent_e2e::clients::{ClientOutput, python_token, rust_token};
 use nmi_agent_e2e::imds_emulator::{EmulatedIdentity, Fault};
 use nmi_agent_e2e::node::{NodeApiServer, NodeEmulator};
+use nmi_agent_e2e::probe::Background;
 use nmi_agent_e2e::trap::IMDS;
 use nmi_agent_e2e::wait::poll;
 use nmi_agent_e2e::{Agent, Attempt, Pod, Topology, require_root};
@@ -572,4 +573,57 @@ fn the_agents_own_upstream_call_to_169_254_169_254_is_not_redirected() {
         own.is_empty(),
         "the agent's own upstream call was redirected back to it: {own:?}"
     );
+}
+
+/// A hostile pod opens hundreds of connections and pipelines requests on each whose answers it never reads (which
+/// once held every connection slot of the agent for ever). Beyond its share it is answered 429 and closed, the
+/// connections it keeps are cut once their answers stall, and another pod's unchanged SDK gets its token within 1 s
+/// all the while.
+#[test]
+fn a_pod_that_never_reads_its_answers_cannot_take_the_service_from_another() {
+    let Some(w) = world("token_service::wedge") else {
+        return;
+    };
+    let attack = Background::spawn(&mut w.topo.pod_b.probe_command(&[
+        "wedge",
+        "--connections",
+        "300",
+        "--pipelined",
+        "200",
+        "--hold-ms",
+        "20000",
+    ]));
+    let limited = r#"nmi_caller_limited_total{reason="connections"}"#;
+    poll(Duration::from_secs(20), Duration::from_millis(100), || {
+        w.agent.metric(limited).filter(|n| *n > 0.0)
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "the attacker never went over its share; {}",
+            w.agent.describe()
+        )
+    });
+
+    for round in 0..3 {
+        let out = python_token(&w.topo.pod_a, None);
+        assert_token_for(&out, "pod-a", ORDERS);
+        let took = out.elapsed_ms.unwrap_or(f64::MAX);
+        assert!(
+            took < 1000.0,
+            "round {round}: pod-a's SDK waited {took} ms for its token"
+        );
+    }
+    let cut = r#"nmi_connections_cut_total{reason="io_timeout"}"#;
+    poll(Duration::from_secs(30), Duration::from_millis(200), || {
+        w.agent.metric(cut).filter(|n| *n > 0.0)
+    })
+    .unwrap_or_else(|| panic!("no stalled connection was cut; {}", w.agent.describe()));
+    let opened = attack.finish();
+    assert!(
+        opened.iter().filter(|a| a.ok).count() >= 200,
+        "the attack did not open its connections: {} of {}",
+        opened.iter().filter(|a| a.ok).count(),
+        opened.len()
+    );
+    assert_eq!(w.topo.trap.packets(), 0, "a client reached 169.254.169.254");
 }

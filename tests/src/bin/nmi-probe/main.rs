@@ -45,6 +45,8 @@ struct Cli {
 enum Mode {
     /// Token requests over HTTP (`Connection: close`), each read to EOF.
     Http(tcp::HttpArgs),
+    /// Many connections, each with pipelined requests whose answers are never read (a hostile pod).
+    Wedge(tcp::WedgeArgs),
     /// One TCP connect.
     Connect {
         #[command(flatten)]
@@ -109,6 +111,7 @@ impl Timeout {
 fn main() {
     match Cli::parse().mode {
         Mode::Http(args) => tcp::http(&args),
+        Mode::Wedge(args) => tcp::wedge(&args),
         Mode::Connect { to, timeout } => emit(&tcp::connect("connect", to.addr, timeout.get())),
         Mode::From(args) => emit(&tcp::from_source(&args)),
         Mode::Bind { to } => emit(&tcp::bind(to.addr)),

