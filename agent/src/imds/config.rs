@@ -17,8 +17,11 @@ pub struct Config {
     /// Retry bounds for token fetches; `retry.attempt_timeout` also bounds each forwarded request (one attempt: the
     /// caller's SDK retries those itself).
     pub retry: RetryPolicy,
-    /// Token fetches to IMDS in flight at once, across all identities (IMDS throttles per VM).
+    /// Requests to IMDS in flight at once (token fetches and forwarded metadata), across all callers (IMDS throttles
+    /// per VM).
     pub max_concurrent_fetches: usize,
+    /// Of those, how many one caller (one cgroup) may have in flight; its further requests wait for its own.
+    pub max_upstream_per_caller: usize,
 }
 
 impl Default for Config {
@@ -30,6 +33,7 @@ impl Default for Config {
             cache: CacheConfig::default(),
             retry: RetryPolicy::default(),
             max_concurrent_fetches: 5,
+            max_upstream_per_caller: 2,
         }
     }
 }

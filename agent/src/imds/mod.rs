@@ -51,6 +51,7 @@
 //!   knows about callers or HTTP answers.
 
 mod audit;
+pub mod budget;
 pub mod config;
 pub mod path;
 pub mod request;

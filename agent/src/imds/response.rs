@@ -122,6 +122,19 @@ pub fn forwarded_request() -> Response<Full<Bytes>> {
     )
 }
 
+/// 429 with `Retry-After: 1` for a caller that already has its share of requests to IMDS in flight (SDKs retry it).
+pub fn caller_busy(description: &str) -> Response<Full<Bytes>> {
+    let mut response = error(
+        StatusCode::TOO_MANY_REQUESTS,
+        "too_many_requests",
+        description,
+    );
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(1u32));
+    response
+}
+
 /// 403 for paths the agent does not serve. Never forwarded: IMDS must not see a path we did not check.
 pub fn forbidden() -> Response<Full<Bytes>> {
     error(

@@ -16,6 +16,7 @@ use tokio::sync::watch;
 
 use super::{
     audit::{Audit, cgroup_of},
+    budget::{CallerBusy, UpstreamBudget},
     config::{Config, ConfigError},
     path::{self, Route},
     request, response,
@@ -27,7 +28,7 @@ use super::{
 use crate::{
     attest::Attestation,
     identity::{Binding, Denial, Resolve, SecretStore, select},
-    telemetry::metrics::{Metrics, StatusLabels},
+    telemetry::metrics::{Metrics, ReasonLabels, StatusLabels},
 };
 
 /// The service: one per process, shared by all connections.
@@ -36,6 +37,7 @@ pub struct Service<R> {
     resolver: R,
     cache: TokenCache,
     upstream: Arc<dyn Upstream>,
+    budget: Arc<UpstreamBudget>,
     metrics: Arc<Metrics>,
 }
 
@@ -53,11 +55,15 @@ impl<R: Resolve + Send + Sync + 'static> Service<R> {
             &config.imds_url,
             config.retry.attempt_timeout,
         )?);
+        let budget = UpstreamBudget::new(
+            config.max_concurrent_fetches,
+            config.max_upstream_per_caller,
+        );
         let fetcher = Fetcher {
-            imds: ImdsTokenSource::new(
+            imds: ImdsTokenSource::sharing(
                 Arc::clone(&upstream),
                 config.retry.clone(),
-                config.max_concurrent_fetches,
+                budget.global(),
             ),
             entra: EntraTokenSource::new(
                 config.authority_host.clone(),
@@ -67,12 +73,9 @@ impl<R: Resolve + Send + Sync + 'static> Service<R> {
             // azure_core's own retries are bounded by the same policy; this also covers reading the secret.
             entra_timeout: config.retry.total + Duration::from_secs(2),
         };
-        Ok(Self::with_parts(
-            config,
-            resolver,
-            upstream,
-            Arc::new(fetcher),
-        ))
+        let mut service = Self::with_parts(config, resolver, upstream, Arc::new(fetcher));
+        service.budget = budget;
+        Ok(service)
     }
 
     /// A service over given parts: `upstream` for forwarded requests, `tokens` for token fetches (tests use fakes).
@@ -84,6 +87,10 @@ impl<R: Resolve + Send + Sync + 'static> Service<R> {
     ) -> Self {
         Service {
             cache: TokenCache::new(config.cache.clone(), tokens),
+            budget: UpstreamBudget::new(
+                config.max_concurrent_fetches,
+                config.max_upstream_per_caller,
+            ),
             config,
             resolver,
             upstream,
@@ -161,7 +168,9 @@ impl<R: Resolve + Send + Sync + 'static> Service<R> {
         match route {
             Route::Token => self.token(caller, &parts, started).await,
             Route::Instance(path) if self.config.forward_instance_metadata => {
-                let response = self.forward(&path, parts.uri.query(), &parts.headers).await;
+                let response = self
+                    .forward(caller, &path, parts.uri.query(), &parts.headers)
+                    .await;
                 tracing::debug!(
                     target: "imds",
                     pid = caller.pid,
@@ -222,7 +231,9 @@ impl<R: Resolve + Send + Sync + 'static> Service<R> {
             Binding::NodeException { workload } => {
                 audit.workload = workload;
                 let path = "/metadata/identity/oauth2/token";
-                let response = self.forward(path, parts.uri.query(), &parts.headers).await;
+                let response = self
+                    .forward(caller, path, parts.uri.query(), &parts.headers)
+                    .await;
                 tracing::info!(target: "imds", pid = caller.pid, status = response.status().as_u16(), "node exception forwarded");
                 audit.emit("forwarded", "node_exception");
                 response
@@ -263,6 +274,18 @@ impl<R: Resolve + Send + Sync + 'static> Service<R> {
                     }
                 };
                 audit.identity = identity.client_id.clone();
+                // The caller's own share of IMDS: its requests wait for its own earlier ones, not for other callers.
+                let share = self
+                    .budget
+                    .caller_share(caller.cgroup_id, self.config.retry.total)
+                    .await;
+                let _share = match share {
+                    Ok(share) => share,
+                    Err(busy) => {
+                        audit.emit("limited", "caller_busy");
+                        return self.caller_busy(&busy);
+                    }
+                };
                 let fetch_started = Instant::now();
                 let fetched = self.cache.get(&identity, &query.resource).await;
                 if !matches!(fetched, Ok((_, CacheOutcome::Hit))) {
@@ -298,10 +321,22 @@ impl<R: Resolve + Send + Sync + 'static> Service<R> {
     /// is needed).
     async fn forward(
         &self,
+        caller: &Attestation,
         path: &str,
         query: Option<&str>,
         headers: &HeaderMap,
     ) -> Response<Full<Bytes>> {
+        let wait = self.config.retry.total;
+        let _share = match self.budget.caller_share(caller.cgroup_id, wait).await {
+            Ok(share) => share,
+            Err(busy) => return self.caller_busy(&busy),
+        };
+        // The global permit is waited for within the same bound; the semaphore is never closed.
+        let Ok(Ok(_permit)) =
+            tokio::time::timeout(wait, self.budget.global().acquire_owned()).await
+        else {
+            return response::unavailable("The metadata service is busy");
+        };
         let target = match query {
             Some(q) => format!("{path}?{q}"),
             None => path.to_owned(),
@@ -314,6 +349,15 @@ impl<R: Resolve + Send + Sync + 'static> Service<R> {
                 response::unavailable("The metadata service is unreachable")
             }
         }
+    }
+
+    /// The 429 for a caller over its share of requests to IMDS, counted.
+    fn caller_busy(&self, busy: &CallerBusy) -> Response<Full<Bytes>> {
+        self.metrics
+            .caller_limited
+            .get_or_create(&ReasonLabels { reason: "upstream" })
+            .inc();
+        response::caller_busy(&busy.to_string())
     }
 }
 

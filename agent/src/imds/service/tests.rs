@@ -904,3 +904,74 @@ async fn against_the_imds_emulator() {
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
     assert!(started.elapsed() < Duration::from_secs(5));
 }
+
+/// One caller asking for many tokens at once against a slow IMDS waits for its own requests; another caller's request
+/// takes one of the places of the global budget the first one cannot have, and is answered in one IMDS round trip.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_flooding_imds_waits_for_itself_and_another_gets_through_at_once() {
+    use nmi_testkit::imds_emulator::{EmulatedIdentity, Emulator, EmulatorConfig, Fault};
+
+    const DELAY: Duration = Duration::from_millis(400);
+    let emu = Emulator::start(EmulatorConfig::new(vec![
+        EmulatedIdentity::new("client-a", "a"),
+        EmulatedIdentity::new("client-b", "b"),
+    ]))
+    .await
+    .expect("emulator");
+    emu.push_faults((0..64).map(|_| Fault::delay(DELAY.as_millis() as u64)));
+    let resolver = FakeResolver {
+        by_pid: HashMap::from([
+            (
+                BOUND_ONE,
+                Binding::Bound {
+                    workload: workload("hostile"),
+                    identities: vec![identity("a", "client-a")],
+                },
+            ),
+            (
+                BOUND_TWO,
+                Binding::Bound {
+                    workload: workload("victim"),
+                    identities: vec![identity("b", "client-b")],
+                },
+            ),
+        ]),
+        calls: Arc::new(AtomicUsize::new(0)),
+    };
+    let config = Config {
+        imds_url: emu.url(),
+        ..Config::default()
+    };
+    let service = Arc::new(Service::new(config, resolver, NoSecretStore).expect("service"));
+    let from = |pid: u32, cgroup_id: u64| Attestation {
+        cgroup_id,
+        ..caller(pid)
+    };
+
+    let hostile: Vec<_> = (0..20)
+        .map(|i| {
+            let service = Arc::clone(&service);
+            tokio::spawn(async move {
+                let uri = format!("/metadata/identity/oauth2/token?api-version=2018-02-01&resource=https://r{i}.example/");
+                body_of(service.handle(&from(BOUND_ONE, 1), get(&uri)).await).await.0
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let started = std::time::Instant::now();
+    let (status, _, body) =
+        body_of(service.handle(&from(BOUND_TWO, 2), get(TOKEN_URI)).await).await;
+    let took = started.elapsed();
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(
+        took < DELAY * 2,
+        "the victim waited {took:?} behind another caller's flood (one IMDS round trip is {DELAY:?})"
+    );
+    for h in hostile {
+        assert_eq!(
+            h.await.expect("task"),
+            StatusCode::OK,
+            "the flooding caller is slowed, not refused"
+        );
+    }
+}

@@ -21,7 +21,7 @@ pub const IMDS_API_VERSION: &str = "2018-02-01";
 pub struct ImdsTokenSource {
     upstream: Arc<dyn Upstream>,
     retry: RetryPolicy,
-    permits: tokio::sync::Semaphore,
+    permits: Arc<tokio::sync::Semaphore>,
     headers: HeaderMap,
 }
 
@@ -29,12 +29,22 @@ impl ImdsTokenSource {
     /// `max_concurrent` keeps a burst of distinct cache misses (a node full of pods starting) under IMDS's throttle
     /// limit; identical misses are already merged by the cache.
     pub fn new(upstream: Arc<dyn Upstream>, retry: RetryPolicy, max_concurrent: usize) -> Self {
+        let permits = Arc::new(tokio::sync::Semaphore::new(max_concurrent.max(1)));
+        Self::sharing(upstream, retry, permits)
+    }
+
+    /// With the permits of a budget shared with other calls to IMDS (the service's forwarded requests).
+    pub fn sharing(
+        upstream: Arc<dyn Upstream>,
+        retry: RetryPolicy,
+        permits: Arc<tokio::sync::Semaphore>,
+    ) -> Self {
         let mut headers = HeaderMap::new();
         headers.insert("metadata", HeaderValue::from_static("true"));
         ImdsTokenSource {
             upstream,
             retry,
-            permits: tokio::sync::Semaphore::new(max_concurrent.max(1)),
+            permits,
             headers,
         }
     }
