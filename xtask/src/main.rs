@@ -8,6 +8,7 @@ mod ebpf;
 mod host;
 mod image;
 mod manifests;
+mod soak;
 mod steps;
 mod toolchain;
 mod vm;
@@ -58,6 +59,12 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Build, then run the soak (20 pods, two hostile, every answer checked) at full size; needs root.
+    Soak {
+        /// Token requests over the twenty pods.
+        #[arg(long, default_value_t = 100_000)]
+        requests: u64,
+    },
     /// Build, then run the datapath end-to-end tests inside a QEMU VM on Debian 12's Linux 6.1 (needs no KVM);
     /// extra arguments go to the test binary (e.g. a test name filter).
     Vm {
@@ -103,6 +110,7 @@ fn run(command: Command) -> Result<()> {
         Command::Test { quick } => steps::test(&root, quick),
         Command::Demo { args } => demo::run(&root, &args),
         Command::Bench { args } => bench::run(&root, &args),
+        Command::Soak { requests } => soak::run(&root, requests),
         Command::Vm { args } => vm::command(&root, &args),
         Command::Image { pin } => image::image(&root, pin),
     }

@@ -114,26 +114,8 @@ pub fn test(root: &Path, quick: bool) -> Result<()> {
         host::ensure_python_clients(root, &venv, &mut apt)
     })?;
     steps.run("end-to-end tests", || {
-        let mut e2e = cmd::cargo();
-        e2e.args([
-            "test",
-            "--release",
-            "--package",
-            "nmi-agent-e2e",
-            "--",
-            "--test-threads=1",
-        ])
-        .current_dir(root)
-        .env("NMI_AGENT_BIN", built.agent())
-        .env("NMI_E2E_BIN_DIR", &built.bin_dir)
-        // Same value as the build step, so cargo does not rebuild the agent with an empty eBPF stand-in.
-        .env("NMI_AGENT_EBPF_OBJ", &built.ebpf_object)
-        .env("RUST_BACKTRACE", "1");
-        if let Some(python) = &python {
-            e2e.env("NMI_E2E_PYTHON", python);
-        }
         cmd::run(
-            &mut e2e,
+            &mut e2e_command(root, &built, python.as_deref(), &[]),
             "an end-to-end test failed; its name and output are above",
         )
     })?;
@@ -142,6 +124,30 @@ pub fn test(root: &Path, quick: bool) -> Result<()> {
     // The release artefact itself: the static binary in the OCI image the DaemonSet pins by digest.
     steps.run("image", || image::image(root, false))?;
     steps.finish()
+}
+
+/// `cargo test --release -p nmi-agent-e2e` with the environment the tests need: the built agent and tools, its eBPF
+/// object (the same value as the build, so cargo does not rebuild the agent with an empty stand-in) and the SDK venv.
+/// `args` go to cargo before `--` (e.g. `--test soak`).
+pub fn e2e_command(
+    root: &Path,
+    built: &artifacts::Built,
+    python: Option<&Path>,
+    args: &[&str],
+) -> std::process::Command {
+    let mut e2e = cmd::cargo();
+    e2e.args(["test", "--release", "--package", "nmi-agent-e2e"])
+        .args(args)
+        .args(["--", "--test-threads=1"])
+        .current_dir(root)
+        .env("NMI_AGENT_BIN", built.agent())
+        .env("NMI_E2E_BIN_DIR", &built.bin_dir)
+        .env("NMI_AGENT_EBPF_OBJ", &built.ebpf_object)
+        .env("RUST_BACKTRACE", "1");
+    if let Some(python) = python {
+        e2e.env("NMI_E2E_PYTHON", python);
+    }
+    e2e
 }
 
 pub fn is_ci() -> bool {

@@ -20,6 +20,7 @@
 
 mod datagram;
 mod report;
+mod soak;
 mod tcp;
 
 use std::net::{Ipv4Addr, SocketAddr};
@@ -45,6 +46,8 @@ struct Cli {
 enum Mode {
     /// Token requests over HTTP (`Connection: close`), each read to EOF.
     Http(tcp::HttpArgs),
+    /// Token requests on kept-alive connections, every answer checked; one JSON summary.
+    Soak(soak::SoakArgs),
     /// Many connections, each with pipelined requests whose answers are never read (a hostile pod).
     Wedge(tcp::WedgeArgs),
     /// One TCP connect.
@@ -112,6 +115,7 @@ fn main() {
     match Cli::parse().mode {
         Mode::Http(args) => tcp::http(&args),
         Mode::Wedge(args) => tcp::wedge(&args),
+        Mode::Soak(args) => soak::soak(&args),
         Mode::Connect { to, timeout } => emit(&tcp::connect("connect", to.addr, timeout.get())),
         Mode::From(args) => emit(&tcp::from_source(&args)),
         Mode::Bind { to } => emit(&tcp::bind(to.addr)),
