@@ -228,12 +228,8 @@ fn twenty_pods_under_load_and_attack_each_get_exactly_their_own_identity() {
     }
 
     // IMDS asked at most once per (identity, resource): the pods' one resource each; the flood's, each once.
-    for i in 0..HOSTILE_ID {
-        assert!(
-            emu.calls_for(&ids[i]) <= 1,
-            "identity {i}: {:?}",
-            emu.calls()
-        );
+    for (i, id) in ids.iter().enumerate().take(HOSTILE_ID) {
+        assert!(emu.calls_for(id) <= 1, "identity {i}: {:?}", emu.calls());
     }
     assert_eq!(
         emu.calls_for(&ids[HOSTILE_ID]),
