@@ -184,9 +184,11 @@ impl Agent {
         self.spawn();
     }
 
-    /// `nmi-agent uninstall --pin-dir <dir>`; panics unless it succeeds.
+    /// `nmi-agent uninstall --pin-dir <dir>`, in the agent's network namespace as the DaemonSet runs it (the forwarding
+    /// guard's filters live on that namespace's devices); panics unless it succeeds.
     pub fn uninstall(&self) -> Output {
         let mut cmd = Command::new(&self.bin);
+        process::place(&mut cmd, None, Some(&self.home.netns));
         cmd.args(["uninstall", "--pin-dir"]).arg(&self.pin_dir);
         process::run_ok(&mut cmd)
     }

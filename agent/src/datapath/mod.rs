@@ -6,9 +6,12 @@
 //! - `maps`: the redirect records ([`ConnLookup`]), counters and occupancy.
 //! - `sys`: the netns cookie and the memlock limit; `bpffs`: the bpf filesystem the pins need.
 //! - `kernel_log`: the programs' own log records.
+//! - `forward_guard`: the tc program on the device that routes to IMDS; `imds_route` finds that device.
 
 mod bpffs;
 mod error;
+mod forward_guard;
+mod imds_route;
 mod kernel_log;
 mod load;
 mod maps;
@@ -21,9 +24,10 @@ use aya::Ebpf;
 
 pub use bpffs::ensure_bpffs;
 pub use error::DatapathError;
+pub use forward_guard::Guarded;
 pub use kernel_log::{KernelLog, forward_kernel_log};
 pub use maps::ConnLookup;
-pub use pins::{Uninstalled, state_dir, uninstall};
+pub use pins::{Uninstalled, state_dir};
 pub use sys::netns_cookie;
 
 use error::io;
@@ -46,6 +50,8 @@ pub struct Options {
     pub netns_cookie: u64,
     /// The health listener's address, guarded like `redirect` (an IPv6 one is not guarded).
     pub health: Option<SocketAddrV4>,
+    /// The device whose egress the forwarding guard watches; `None`: the one the route to IMDS leaves through.
+    pub imds_device: Option<String>,
 }
 
 /// The loaded, attached and pinned datapath.
@@ -53,6 +59,7 @@ pub struct Datapath {
     maps: Maps,
     kernel_log: Option<KernelLog>,
     links: Vec<PathBuf>,
+    guarded: Guarded,
     // Kept so program fds (and later the kernel log reader) stay valid for the agent's lifetime.
     _ebpf: Ebpf,
 }
@@ -69,6 +76,9 @@ impl Datapath {
         let mut ebpf = load::open(pins.maps_dir())?;
         load::configure(&mut ebpf, opts)?;
 
+        // The node-level guard first, like the cgroup guards: packets the node forwards to IMDS are dropped before
+        // anything is redirected.
+        let guarded = forward_guard::attach(&mut ebpf, opts.imds_device.as_deref(), &mut pins)?;
         let cgroup = fs::File::open(&opts.cgroup).map_err(io("opening cgroup", &opts.cgroup))?;
         for name in load::ATTACH_ORDER {
             let link = load::attach(&mut ebpf, name, &cgroup)?;
@@ -83,6 +93,7 @@ impl Datapath {
             maps,
             kernel_log,
             links,
+            guarded,
             _ebpf: ebpf,
         })
     }
@@ -96,4 +107,17 @@ impl Datapath {
     pub fn links(&self) -> &[PathBuf] {
         &self.links
     }
+
+    /// Where the forwarding guard went.
+    pub fn guarded(&self) -> &Guarded {
+        &self.guarded
+    }
+}
+
+/// `nmi-agent uninstall`: removes the pins (which detaches every link) and the forwarding guard's clsact filters of
+/// this network namespace; pods reach IMDS directly again.
+pub fn uninstall(pin_dir: &std::path::Path) -> Result<Uninstalled, DatapathError> {
+    let mut done = pins::uninstall(pin_dir)?;
+    done.filters_removed = forward_guard::remove_filters();
+    Ok(done)
 }

@@ -131,6 +131,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
                 None
             }
         },
+        imds_device: args.imds_device.clone(),
     };
     let mut datapath = tokio::task::spawn_blocking(move || Datapath::start(&opts))
         .await
@@ -148,6 +149,17 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
         links = datapath.links().len(),
         "kernel programs attached"
     );
+    match datapath.guarded() {
+        datapath::Guarded::Tcx { device } => {
+            tracing::info!(%device, "forwarding guard on the IMDS device (TCX link)")
+        }
+        datapath::Guarded::Filter { device } => {
+            tracing::info!(%device, "forwarding guard on the IMDS device (clsact filter)")
+        }
+        datapath::Guarded::Nowhere(why) => {
+            tracing::warn!(reason = why, "no forwarding guard")
+        }
+    }
 
     let attestor = Arc::new(Attestor::new(
         Arc::clone(&datapath),
