@@ -61,7 +61,8 @@ pub enum DatapathError {
     TcFilter {
         device: String,
         tcx: String,
-        source: aya::programs::ProgramError,
+        // Boxed: it is large, and this rare error must not grow every datapath Result.
+        source: Box<aya::programs::ProgramError>,
     },
 }
 

@@ -101,7 +101,7 @@ pub fn attach(
             attach_filter(program, &device).map_err(|source| DatapathError::TcFilter {
                 device: device.clone(),
                 tcx: tcx_error.to_string(),
-                source,
+                source: Box::new(source),
             })?;
             Ok(Guarded::Filter { device })
         }

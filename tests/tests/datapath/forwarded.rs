@@ -146,8 +146,8 @@ fn frames_and_tunnelled_packets_from_a_pod_never_reach_a_routed_imds_and_the_age
 
     let dropped = w.dropped();
     println!(
-        "guard on {}: reached IMDS {reached:?}, nmi_kernel_forward_dropped_total {dropped}",
-        w.imds.device
+        "{} {}: reached IMDS {reached:?}, nmi_kernel_forward_dropped_total {dropped}",
+        guard["message"], w.imds.device
     );
     assert!(
         dropped >= w.packets_sent_per_round(),
