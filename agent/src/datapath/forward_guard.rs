@@ -8,8 +8,9 @@
 //!   detaches it by removing the pin.
 //! - Older kernels: a direct-action filter on the device's clsact qdisc at a fixed priority and handle. The filter
 //!   holds its program itself, so it stays on the device when the agent exits or dies; a restart replaces the program
-//!   in that filter in one netlink request (the kernel swaps it under RCU: no packet sees no filter), and `uninstall`
-//!   deletes filters of this program's name on every device of the namespace.
+//!   in that filter in one netlink request (the kernel swaps it under RCU: no packet sees no filter), a filter left on
+//!   another device (the route moved) is deleted after that, and `uninstall` deletes filters of this program's name on
+//!   every device of the namespace.
 
 use std::{fs, os::fd::AsFd};
 
@@ -103,6 +104,8 @@ pub fn attach(
                 tcx: tcx_error.to_string(),
                 source: Box::new(source),
             })?;
+            // The route may have moved since the last start: the guard on the old device is retired only now.
+            remove_filters_except(Some(&device));
             Ok(Guarded::Filter { device })
         }
     }
@@ -143,8 +146,12 @@ fn attach_filter(
 /// Removes the guard's clsact filters from every device of this network namespace (its TCX link goes with the pins).
 /// Returns the devices it was removed from.
 pub fn remove_filters() -> Vec<String> {
+    remove_filters_except(None)
+}
+
+fn remove_filters_except(keep: Option<&str>) -> Vec<String> {
     let mut removed = Vec::new();
-    for device in devices() {
+    for device in devices().into_iter().filter(|d| Some(d.as_str()) != keep) {
         match tc::qdisc_detach_program(&device, TcAttachType::Egress, PROG_FORWARD) {
             Ok(()) => removed.push(device),
             // NotFound: no filter of ours there; anything else (no clsact qdisc) means the same.
