@@ -9,7 +9,7 @@
 //! after it, so a pinned map of an older layout is never reused.
 
 /// Bumped on any change to a map's key, value, type or size.
-pub const LAYOUT_VERSION: u32 = 3;
+pub const LAYOUT_VERSION: u32 = 4;
 
 /// The Instance Metadata Service address every Azure SDK calls.
 pub const IMDS_ADDR: [u8; 4] = [169, 254, 169, 254];
@@ -38,6 +38,8 @@ pub const PROG_SOCKOPS: &str = "nmi_sock_ops";
 pub const PROG_EGRESS: &str = "nmi_egress";
 pub const PROG_BIND4: &str = "nmi_bind4";
 pub const PROG_BIND6: &str = "nmi_bind6";
+/// The tc classifier on the device that routes to IMDS (not a cgroup program: attached per device).
+pub const PROG_FORWARD: &str = "nmi_forward";
 
 /// Indexes into the per-CPU counter array.
 #[repr(u32)]
@@ -61,10 +63,13 @@ pub enum Counter {
     /// socket's source address: a spoofer). Neither is filed for it and the existing record is withdrawn, so the
     /// agent refuses the connection instead of attesting it as the first socket's caller.
     RecordCollided = 6,
+    /// A packet to IMDS leaving the node's IMDS device without a local socket (forwarded from a pod: hand-built
+    /// frames, decapsulated IPIP/VXLAN, anything the node routes), or from a packet socket, dropped by the tc guard.
+    ForwardDropped = 7,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 7] = [
+    pub const ALL: [Counter; 8] = [
         Counter::Redirected,
         Counter::Refused,
         Counter::EgressDropped,
@@ -72,6 +77,7 @@ impl Counter {
         Counter::Linked,
         Counter::BindRefused,
         Counter::RecordCollided,
+        Counter::ForwardDropped,
     ];
     pub const COUNT: u32 = Self::ALL.len() as u32;
 
@@ -84,6 +90,7 @@ impl Counter {
             Counter::Linked => "linked",
             Counter::BindRefused => "bind_refused",
             Counter::RecordCollided => "record_collided",
+            Counter::ForwardDropped => "forward_dropped",
         }
     }
 
@@ -103,6 +110,9 @@ impl Counter {
             }
             Counter::RecordCollided => {
                 "redirected connections whose 4-tuple already had another socket's record (refused by the agent)"
+            }
+            Counter::ForwardDropped => {
+                "packets to IMDS without a local socket (forwarded, decapsulated, or from a packet socket) dropped on the IMDS device"
             }
         }
     }
@@ -221,6 +231,29 @@ pub fn bind_takes_agent_port(agent: Endpoint4, addr: BindAddr, port: u16) -> boo
         },
     };
     ipv4 == [0; 4] || agent.addr == [0; 4] || ipv4 == agent.addr
+}
+
+/// `AF_INET` and `AF_INET6`: the families of sockets whose packets to IMDS the socket hooks have already judged.
+pub const INET_FAMILIES: [u32; 2] = [2, 10];
+
+/// The tc guard's one decision, for an IPv4 packet leaving the device that routes to IMDS: drop it when it is
+/// addressed to IMDS and no IP socket of this node sent it. `socket_family` is the family of the packet's socket
+/// (`__sk_buff.sk->family`), `None` when it has none.
+///
+/// A packet without a socket was forwarded: it came from another network namespace (a pod's hand-built frames, a
+/// packet the node decapsulated from IPIP or VXLAN, anything routed), and only the agent may talk to IMDS for pods.
+/// A packet socket (`AF_PACKET`) is a hand-built frame on the node's own device. An IP socket of this network
+/// namespace passed the cgroup hooks already: the agent's own upstream calls and node daemons outside the
+/// intercepted subtree must keep reaching IMDS, and an intercepted hostNetwork pod's raw or UDP socket was dropped by
+/// the cgroup egress guard before it got here.
+pub fn forward_guard_drops(daddr: [u8; 4], socket_family: Option<u32>) -> bool {
+    if daddr != IMDS_ADDR {
+        return false;
+    }
+    match socket_family {
+        None => true,
+        Some(family) => family != INET_FAMILIES[0] && family != INET_FAMILIES[1],
+    }
 }
 
 /// Where redirected connects go: the agent's token service, and the network namespace it listens in.

@@ -4,8 +4,8 @@
 #[cfg(target_arch = "bpf")]
 mod entry {
     use aya_ebpf::{
-        macros::{cgroup_skb, cgroup_sock_addr, sock_ops},
-        programs::{SkBuffContext, SockAddrContext, SockOpsContext},
+        macros::{cgroup_skb, cgroup_sock_addr, classifier, sock_ops},
+        programs::{SkBuffContext, SockAddrContext, SockOpsContext, TcContext},
     };
     use nmi_agent_ebpf::programs;
 
@@ -42,6 +42,11 @@ mod entry {
     #[cgroup_skb(egress)]
     pub fn nmi_egress(ctx: SkBuffContext) -> i32 {
         programs::egress::egress(&ctx)
+    }
+
+    #[classifier]
+    pub fn nmi_forward(ctx: TcContext) -> i32 {
+        programs::forward::forward(&ctx)
     }
 
     #[panic_handler]

@@ -2,11 +2,13 @@
 //!
 //! Data flow: [`connect`] redirects a pod's connect to IMDS and records the socket, [`sock_ops`] files that record
 //! under the connection's 4-tuple (the agent's lookup key), [`getpeername`] hides the rewrite from the caller, and
-//! [`egress`] drops whatever reaches for IMDS some other way, and [`bind`] keeps the agent's port the agent's.
+//! [`egress`] drops whatever reaches for IMDS some other way, [`forward`] drops what the node would forward to IMDS,
+//! and [`bind`] keeps the agent's port the agent's.
 
 pub mod bind;
 pub mod connect;
 pub mod egress;
+pub mod forward;
 pub mod getpeername;
 pub mod maps;
 pub mod sock_ops;

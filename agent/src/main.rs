@@ -22,6 +22,12 @@ fn main() -> std::process::ExitCode {
                         done.still_loaded
                     );
                 }
+                if !done.filters_removed.is_empty() {
+                    println!(
+                        "removed the forwarding guard from {}",
+                        done.filters_removed.join(", ")
+                    );
+                }
                 if done.removed {
                     println!("removed {}: interception is off", args.pin_dir.display());
                 } else {

@@ -199,10 +199,12 @@ impl Agent {
         self.spawn();
     }
 
-    /// `nmi-agent uninstall --pin-dir <dir>`; panics unless it succeeds. `--host-root` names an empty directory of
-    /// the test's own: a test never touches the machine's systemd units.
+    /// `nmi-agent uninstall --pin-dir <dir>`, in the agent's network namespace as the DaemonSet runs it (the forwarding
+    /// guard's filters live on that namespace's devices); panics unless it succeeds. `--host-root` names an empty
+    /// directory of the test's own: a test never touches the machine's systemd units.
     pub fn uninstall(&self) -> Output {
         let mut cmd = Command::new(&self.bin);
+        process::place(&mut cmd, None, Some(&self.home.netns));
         cmd.args(["uninstall", "--pin-dir"]).arg(&self.pin_dir);
         cmd.arg("--host-root")
             .arg(self.log_path.with_file_name("host-root"));

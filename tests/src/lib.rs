@@ -9,6 +9,9 @@
 //! Harness functions panic on failure (with the command and its stderr) instead of returning errors: the tests
 //! that call them want a stack trace, and there is nothing a test could do to recover.
 //!
+//! [`routed`] moves "IMDS" out of the node into a namespace of its own, routed as on AKS, with the tunnel endpoints a
+//! CNI would add.
+//!
 //! The in-process fakes live in `nmi-testkit` (the agent's own tests use them too); [`imds_emulator`],
 //! [`fake_apiserver`] and [`wait`] are re-exported here, and [`node`] runs them inside a topology.
 
@@ -21,6 +24,7 @@ pub mod netns;
 pub mod node;
 pub mod probe;
 pub mod process;
+pub mod routed;
 pub mod topology;
 pub mod trap;
 

@@ -70,6 +70,31 @@ impl Netns {
     }
 }
 
+impl Netns {
+    /// The MAC address of link `dev` in this namespace, as `ip -br link` prints it.
+    pub fn link_mac(&self, dev: &str) -> String {
+        let out = Command::new("ip")
+            .args(["-n", &self.name, "-br", "link", "show", dev])
+            .output()
+            .expect("run ip");
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.split_whitespace()
+            .nth(2)
+            .unwrap_or_else(|| panic!("no MAC for {dev} in {}: {text:?}", self.name))
+            .to_string()
+    }
+
+    /// Sets `/proc/sys/<key>` (e.g. `net/ipv4/ip_forward`) in this namespace: the `net/` sysctls a process sees are
+    /// those of its own network namespace, so the write happens on a thread inside it.
+    pub fn sysctl(&self, key: &str, value: &str) {
+        let path = PathBuf::from("/proc/sys").join(key);
+        self.run_in(|| std::fs::write(&path, value))
+            .unwrap_or_else(|e| {
+                panic!("sysctl {} = {value} in {}: {e}", path.display(), self.name)
+            });
+    }
+}
+
 /// `ip <args>`, panicking with its stderr on failure.
 pub fn ip(args: &[&str]) {
     let mut cmd = Command::new("ip");

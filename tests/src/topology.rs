@@ -202,6 +202,18 @@ impl Topology {
         }
     }
 
+    /// A further network namespace of this topology (`<name>-<suffix>`), removed with it.
+    pub fn add_netns(&mut self, suffix: &str) -> Netns {
+        let name = format!("{}-{suffix}", self.name);
+        self.cleanup.netns(&name);
+        Netns::create(&name)
+    }
+
+    /// This topology's number: link names in its namespaces carry it (`ne<k>...`).
+    pub fn k(&self) -> u32 {
+        self.k
+    }
+
     /// The bridge's link name in the node namespace.
     pub fn bridge(&self) -> String {
         format!("ne{:x}br", self.k)

@@ -34,14 +34,22 @@ impl Trap {
     /// even if routing would drop it later, and locally generated packets (hostNetwork pods, raw sockets) pass
     /// prerouting too when `lo` loops them back. The table dies with the namespace.
     pub fn install(node: &Netns) -> Trap {
+        Trap::install_except(node, None)
+    }
+
+    /// [`Trap::install`] in `netns`, not counting packets from `except` (the one source allowed to reach it: the
+    /// agent's own address, where "IMDS" is the agent's upstream too).
+    pub fn install_except(netns: &Netns, except: Option<Ipv4Addr>) -> Trap {
+        let node = netns;
         node.ip(&["link", "set", "lo", "up"]);
         node.ip(&["addr", "add", &format!("{IMDS_IP}/32"), "dev", "lo"]);
+        let except = except.map_or(String::new(), |ip| format!("ip saddr != {ip} "));
         let ruleset = format!(
             "table ip {TABLE} {{\n\
                counter {COUNTER} {{ }}\n\
                chain prerouting {{\n\
                  type filter hook prerouting priority raw; policy accept;\n\
-                 ip daddr {IMDS_IP} counter name \"{COUNTER}\"\n\
+                 ip daddr {IMDS_IP} {except}counter name \"{COUNTER}\"\n\
                }}\n\
              }}\n"
         );

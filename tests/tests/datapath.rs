@@ -21,8 +21,12 @@ use nmi_agent_e2e::trap::{IMDS, TRAP_STATUS};
 use nmi_agent_e2e::wait::wait_until;
 use nmi_agent_e2e::{Agent, Attempt, Audit, Pod, Topology, require_root};
 
+// In a folder of its own so that cargo does not take it for a test target; it runs with these tests (and in the VM).
+#[path = "datapath/forwarded.rs"]
+mod forwarded;
+
 /// Audit records can trail the caller's EOF; a packet can still be in flight when the probe exits.
-const SETTLE: Duration = Duration::from_millis(300);
+pub(crate) const SETTLE: Duration = Duration::from_millis(300);
 
 /// The agent must be dropped (killed, log tail printed on failure) before the topology removes its world.
 struct World {
@@ -906,15 +910,7 @@ fn a_pod_that_spoofs_another_pods_address_can_neither_take_nor_delete_its_record
 
 /// `netns`'s `eth0` MAC address.
 fn mac_of_eth0(netns: &Netns) -> String {
-    let out = std::process::Command::new("ip")
-        .args(["-n", &netns.name, "-br", "link", "show", "eth0"])
-        .output()
-        .expect("run ip");
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.split_whitespace()
-        .nth(2)
-        .unwrap_or_else(|| panic!("no MAC in {text:?}"))
-        .to_string()
+    netns.link_mac("eth0")
 }
 
 #[test]

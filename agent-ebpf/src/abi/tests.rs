@@ -250,3 +250,26 @@ fn the_bind_hooks_guard_the_token_port_and_the_health_port_under_every_spelling(
     assert!(!no_health.bind_takes_an_agent_port(bind_addr("0.0.0.0"), 0));
     assert!(no_health.bind_takes_an_agent_port(bind_addr("0.0.0.0"), 2579));
 }
+
+#[test]
+fn the_forward_guard_drops_packets_to_imds_that_no_ip_socket_of_the_node_sent() {
+    // (destination, the packet's socket family, dropped): AF_INET 2, AF_INET6 10, AF_PACKET 17.
+    let other = [10, 213, 0, 1];
+    let table: [([u8; 4], Option<u32>, bool); 8] = [
+        (IMDS_ADDR, None, true), // forwarded: a pod's frame, a decapsulated packet
+        (IMDS_ADDR, Some(17), true), // a packet socket on the node's own device
+        (IMDS_ADDR, Some(1), true), // any other family is no IP socket either
+        (IMDS_ADDR, Some(2), false), // the agent's upstream, a node daemon
+        (IMDS_ADDR, Some(10), false), // a dual-stack socket connected to ::ffff:169.254.169.254
+        (other, None, false),    // forwarded traffic elsewhere is not ours to judge
+        (other, Some(17), false),
+        ([169, 254, 169, 253], None, false),
+    ];
+    for (daddr, family, dropped) in table {
+        assert_eq!(
+            forward_guard_drops(daddr, family),
+            dropped,
+            "{daddr:?} from {family:?}"
+        );
+    }
+}

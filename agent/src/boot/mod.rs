@@ -41,6 +41,7 @@ pub fn guard(args: &GuardArgs) -> anyhow::Result<()> {
         // pod could take the port, but never a token: its own IMDS connects are intercepted too (docs/boot.md).
         netns_cookie: 0,
         health: None,
+        imds_device: args.intercept.imds_device.clone(),
     };
     match datapath::guard(&opts)? {
         Guarded::Attached(links) => println!(
@@ -67,6 +68,7 @@ pub fn install_guard(args: &InstallGuardArgs) -> anyhow::Result<()> {
         cgroup: intercepted_cgroup(&args.intercept, &mount, false)?,
         listen: args.intercept.listen_addr()?,
         pin_dir: args.intercept.pin_dir.clone(),
+        imds_device: args.intercept.imds_device.clone(),
     };
     let exe = std::env::current_exe().context("finding this binary to copy it to the host")?;
     let installed = install(&args.host_root, &exe, &command, args.kubelet_dependency)?;

@@ -8,6 +8,7 @@ fn args(cgroup: Option<&Path>) -> InterceptArgs {
         listen: None,
         node_ip: None,
         pin_dir: PathBuf::from(crate::cli::DEFAULT_PIN_DIR),
+        imds_device: None,
     }
 }
 

@@ -60,6 +60,8 @@ pub struct GuardCommand {
     pub cgroup: PathBuf,
     pub listen: SocketAddrV4,
     pub pin_dir: PathBuf,
+    /// `--imds-device`, when the operator names one (the route lookup finds it otherwise, at boot as at run).
+    pub imds_device: Option<String>,
 }
 
 impl GuardCommand {
@@ -68,10 +70,25 @@ impl GuardCommand {
     pub fn exec_start(&self) -> Result<String, UnitError> {
         let cgroup = plain("--cgroup", &self.cgroup)?;
         let pin_dir = plain("--pin-dir", &self.pin_dir)?;
-        Ok(format!(
+        let mut line = format!(
             "/{BINARY} guard --cgroup {cgroup} --listen {} --pin-dir {pin_dir}",
             self.listen
-        ))
+        );
+        if let Some(device) = &self.imds_device {
+            let unquotable = || UnitError::Unquotable {
+                what: "--imds-device",
+                value: device.clone(),
+            };
+            if device.is_empty()
+                || !device
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "._-@:".contains(c))
+            {
+                return Err(unquotable());
+            }
+            line.push_str(&format!(" --imds-device {device}"));
+        }
+        Ok(line)
     }
 }
 

@@ -63,6 +63,11 @@ pub struct InterceptArgs {
     /// Where programs' links and maps are pinned (on a bpf filesystem; mounted at /sys/fs/bpf when missing).
     #[arg(long, env = "NMI_AGENT_PIN_DIR", default_value = DEFAULT_PIN_DIR)]
     pub pin_dir: PathBuf,
+
+    /// The device whose egress drops packets the node forwards to IMDS (pods' hand-built frames, decapsulated
+    /// tunnels). Default: the device the route to 169.254.169.254 leaves through.
+    #[arg(long, env = "NMI_AGENT_IMDS_DEVICE")]
+    pub imds_device: Option<String>,
 }
 
 #[derive(Debug, Args)]

@@ -57,6 +57,21 @@ pub enum DatapathError {
     },
     #[error("{0}")]
     Bpffs(String),
+    #[error("{0}; pass --imds-device to name the device that routes to IMDS")]
+    ImdsRoute(#[from] super::imds_route::RouteError),
+    #[error(
+        "the route to 169.254.169.254 leaves through device index {index}, whose name could not be read: {source}; pass --imds-device"
+    )]
+    Device { index: u32, source: std::io::Error },
+    #[error(
+        "attaching the forwarding guard to {device}: no TCX link ({tcx}) and no clsact filter either ({source}); check that {device} exists in the agent's network namespace (--imds-device) and that the kernel has CONFIG_NET_CLS_BPF and CONFIG_NET_SCH_INGRESS"
+    )]
+    TcFilter {
+        device: String,
+        tcx: String,
+        // Boxed: it is large, and this rare error must not grow every datapath Result.
+        source: Box<aya::programs::ProgramError>,
+    },
 }
 
 /// Wraps an I/O error on `path` with what was being done to it.

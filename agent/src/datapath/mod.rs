@@ -6,10 +6,13 @@
 //! - `maps`: the redirect records ([`ConnLookup`]), counters and occupancy.
 //! - `sys`: the netns cookie and the memlock limit; `bpffs`: the bpf filesystem the pins need.
 //! - `kernel_log`: the programs' own log records.
+//! - `forward_guard`: the tc program on the device that routes to IMDS; `imds_route` finds that device.
 
 mod bpffs;
 mod error;
 mod exempt;
+mod forward_guard;
+mod imds_route;
 mod kernel_log;
 mod load;
 mod maps;
@@ -23,9 +26,10 @@ use aya::Ebpf;
 pub use bpffs::ensure_bpffs;
 pub use error::DatapathError;
 pub use exempt::exempt_in_pinned;
+pub use forward_guard::ForwardGuard;
 pub use kernel_log::{KernelLog, forward_kernel_log};
 pub use maps::ConnLookup;
-pub use pins::{Uninstalled, state_dir, uninstall};
+pub use pins::{Uninstalled, state_dir};
 pub use sys::netns_cookie;
 
 use error::io;
@@ -48,6 +52,8 @@ pub struct Options {
     pub netns_cookie: u64,
     /// The health listener's address, guarded like `redirect` (an IPv6 one is not guarded).
     pub health: Option<SocketAddrV4>,
+    /// The device whose egress the forwarding guard watches; `None`: the one the route to IMDS leaves through.
+    pub imds_device: Option<String>,
 }
 
 /// What [`guard`] found, and the pinned links that intercept from now on.
@@ -81,6 +87,7 @@ pub struct Datapath {
     maps: Maps,
     kernel_log: Option<KernelLog>,
     links: Vec<PathBuf>,
+    forward_guard: ForwardGuard,
     // Kept so program fds (and later the kernel log reader) stay valid for the agent's lifetime.
     _ebpf: Ebpf,
 }
@@ -97,6 +104,10 @@ impl Datapath {
         let mut ebpf = load::open(pins.maps_dir())?;
         load::configure(&mut ebpf, opts)?;
 
+        // The node-level guard first, like the cgroup guards: packets the node forwards to IMDS are dropped before
+        // anything is redirected.
+        let forward_guard =
+            forward_guard::attach(&mut ebpf, opts.imds_device.as_deref(), &mut pins)?;
         let cgroup = fs::File::open(&opts.cgroup).map_err(io("opening cgroup", &opts.cgroup))?;
         for name in load::ATTACH_ORDER {
             let link = load::attach(&mut ebpf, name, &cgroup)?;
@@ -111,6 +122,7 @@ impl Datapath {
             maps,
             kernel_log,
             links,
+            forward_guard,
             _ebpf: ebpf,
         })
     }
@@ -124,4 +136,17 @@ impl Datapath {
     pub fn links(&self) -> &[PathBuf] {
         &self.links
     }
+
+    /// Where the forwarding guard went.
+    pub fn forward_guard(&self) -> &ForwardGuard {
+        &self.forward_guard
+    }
+}
+
+/// `nmi-agent uninstall`: removes the pins (which detaches every link) and the forwarding guard's clsact filters of
+/// this network namespace; pods reach IMDS directly again.
+pub fn uninstall(pin_dir: &std::path::Path) -> Result<Uninstalled, DatapathError> {
+    let mut done = pins::uninstall(pin_dir)?;
+    done.filters_removed = forward_guard::remove_filters();
+    Ok(done)
 }

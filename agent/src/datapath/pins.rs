@@ -137,6 +137,7 @@ pub fn uninstall(pin_dir: &Path) -> Result<Uninstalled, DatapathError> {
     Ok(Uninstalled {
         removed: !layouts.is_empty(),
         still_loaded: wait_until_unloaded(&programs),
+        filters_removed: Vec::new(),
     })
 }
 
@@ -147,6 +148,8 @@ pub struct Uninstalled {
     pub removed: bool,
     /// Programs the kernel had not detached yet when `uninstall` stopped waiting (normally none).
     pub still_loaded: Vec<u32>,
+    /// Devices the forwarding guard's clsact filter was removed from (kernels without TCX).
+    pub filters_removed: Vec<String>,
 }
 
 /// The id of the program a pinned link attaches, read before the pin goes.

@@ -150,6 +150,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
                 None
             }
         },
+        imds_device: args.intercept.imds_device.clone(),
     };
     let mut datapath = tokio::task::spawn_blocking(move || Datapath::start(&opts))
         .await
@@ -167,6 +168,17 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
         links = datapath.links().len(),
         "kernel programs attached"
     );
+    match datapath.forward_guard() {
+        datapath::ForwardGuard::Tcx { device } => {
+            tracing::info!(%device, "forwarding guard on the IMDS device (TCX link)")
+        }
+        datapath::ForwardGuard::Filter { device } => {
+            tracing::info!(%device, "forwarding guard on the IMDS device (clsact filter)")
+        }
+        datapath::ForwardGuard::Nowhere(why) => {
+            tracing::warn!(reason = why, "no forwarding guard")
+        }
+    }
 
     let attestor = Arc::new(Attestor::new(
         Arc::clone(&datapath),

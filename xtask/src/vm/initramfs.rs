@@ -30,8 +30,9 @@ const PROGRAMS: [&str; 3] = ["ip", "nft", "ss"];
 /// Module subtrees (relative to `lib/modules/<release>`) the tests' topologies need: veth and bridge links, and
 /// nftables for the trap counter. All of netfilter rather than the handful the trap loads today, so that a test adding
 /// an nft rule does not fail on a module missing from the image; dependencies outside these trees are added. The
-/// socket-diagnostics modules answer `ss`.
-const MODULE_TREES: [&str; 7] = [
+/// socket-diagnostics modules answer `ss`. The tunnel endpoints a CNI would add (IPIP, VXLAN) carry the forged packets
+/// of the forwarding-guard tests, and 6.1 has no TCX, so the guard goes on a clsact qdisc with a cls_bpf filter.
+const MODULE_TREES: [&str; 11] = [
     "kernel/net/netfilter/",
     "kernel/net/ipv4/netfilter/",
     "kernel/net/ipv6/netfilter/",
@@ -39,6 +40,10 @@ const MODULE_TREES: [&str; 7] = [
     "kernel/drivers/net/veth.ko",
     "kernel/net/ipv4/inet_diag.ko",
     "kernel/net/ipv4/tcp_diag.ko",
+    "kernel/net/ipv4/ipip.ko",
+    "kernel/drivers/net/vxlan/",
+    "kernel/net/sched/sch_ingress.ko",
+    "kernel/net/sched/cls_bpf.ko",
 ];
 
 /// Where the guest finds what xtask put there (the init script reads these paths too).

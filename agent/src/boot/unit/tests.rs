@@ -7,6 +7,29 @@ fn command() -> GuardCommand {
         cgroup: PathBuf::from("/sys/fs/cgroup/kubepods.slice"),
         listen: "10.0.0.4:2579".parse().expect("addr"),
         pin_dir: PathBuf::from("/sys/fs/bpf/nmi-agent"),
+        imds_device: None,
+    }
+}
+
+#[test]
+fn a_named_imds_device_goes_into_the_unit_and_an_unquotable_one_is_refused() {
+    let named = GuardCommand {
+        imds_device: Some("eth0".into()),
+        ..command()
+    };
+    assert!(
+        named
+            .exec_start()
+            .is_ok_and(|line| line.ends_with(" --imds-device eth0")),
+        "{:?}",
+        named.exec_start()
+    );
+    for bad in ["", "eth0 --cgroup /", "$DEV", "eth%i"] {
+        let odd = GuardCommand {
+            imds_device: Some(bad.into()),
+            ..command()
+        };
+        assert!(odd.exec_start().is_err(), "{bad:?}");
     }
 }
 

@@ -11,6 +11,11 @@
 //! nmi-probe udp [--addr A] [--connect]
 //! nmi-probe v6mapped [--port P] [--timeout-ms T]     TCP over an IPv6 socket to [::ffff:169.254.169.254]:P
 //! nmi-probe raw [--addr IP:PORT] [--hdrincl]          one UDP datagram through a SOCK_RAW socket
+//! nmi-probe frame --source IP --dst-mac M [--dev D] [--src-mac M] [--addr A]
+//!                                                     a TCP SYN in a hand-built Ethernet frame on an AF_PACKET socket
+//! nmi-probe ipip --source IP --via NODE [--addr A]    a TCP SYN in IPIP to NODE, which decapsulates and forwards it
+//! nmi-probe vxlan --source IP --via NODE:PORT --inner-dst-mac M [--vni N] [--addr A]
+//!                                                     the same in VXLAN, the inner frame addressed to the node's device
 //! nmi-probe whoami                                    pid, cgroup and network namespace of the probe
 //! ```
 //! `--addr` defaults to 169.254.169.254:80. `http` runs until N attempts were made, or, with `--duration-ms`, until
@@ -19,6 +24,7 @@
 //! attempts' outcome; only bad arguments fail, because the outcome is the measurement.
 
 mod datagram;
+mod forged;
 mod report;
 mod soak;
 mod tcp;
@@ -87,6 +93,12 @@ enum Mode {
         #[arg(long)]
         hdrincl: bool,
     },
+    /// A TCP SYN in a hand-built Ethernet frame on an AF_PACKET socket.
+    Frame(forged::FrameArgs),
+    /// A TCP SYN in IPIP, addressed to the node that decapsulates it.
+    Ipip(forged::IpipArgs),
+    /// A TCP SYN in VXLAN, addressed to the node that decapsulates it.
+    Vxlan(forged::VxlanArgs),
     /// The pid, cgroup and network namespace of the probe.
     Whoami,
 }
@@ -128,6 +140,9 @@ fn main() {
         }
         Mode::Udp { to, connect } => emit(&datagram::udp(to.addr, connect)),
         Mode::Raw { to, hdrincl } => emit(&datagram::raw(to.addr, hdrincl)),
+        Mode::Frame(args) => emit(&forged::frame(&args)),
+        Mode::Ipip(args) => emit(&forged::ipip(&args)),
+        Mode::Vxlan(args) => emit(&forged::vxlan(&args)),
         Mode::Whoami => println!("{}", serde_json::to_string(&whoami()).expect("serialize")),
     }
 }
