@@ -9,7 +9,7 @@
 //! after it, so a pinned map of an older layout is never reused.
 
 /// Bumped on any change to a map's key, value, type or size.
-pub const LAYOUT_VERSION: u32 = 3;
+pub const LAYOUT_VERSION: u32 = 4;
 
 /// The Instance Metadata Service address every Azure SDK calls.
 pub const IMDS_ADDR: [u8; 4] = [169, 254, 169, 254];
@@ -21,6 +21,8 @@ pub const MAP_EXEMPT: &str = "NMI_EXEMPT";
 pub const MAP_SOCKETS: &str = "NMI_SOCKETS";
 pub const MAP_CONNS: &str = "NMI_CONNS";
 pub const MAP_COUNTERS: &str = "NMI_COUNTERS";
+pub const MAP_CGROUP_SOCKETS: &str = "NMI_CGROUP_SOCKETS";
+pub const MAP_CGROUP_REFUSALS: &str = "NMI_CGROUP_REFUSALS";
 
 /// Cgroups whose connects are never intercepted (the agent's own).
 pub const EXEMPT_MAX: u32 = 64;
@@ -29,6 +31,21 @@ pub const EXEMPT_MAX: u32 = 64;
 pub const SOCKETS_MAX: u32 = 65_536;
 /// Established redirected connections (4-tuple -> record). LRU, same reasoning.
 pub const CONNS_MAX: u32 = 65_536;
+/// Cgroups with a count of live redirected sockets (cgroup id -> count). LRU: a cgroup whose count is back at zero
+/// is forgotten oldest first; a live count is only lost after this many more recently active cgroups, far more
+/// than a node runs.
+pub const CGROUP_SOCKETS_MAX: u32 = 16_384;
+/// The default cap on live redirected sockets per cgroup (see `docs/configuration.md` for the sizing).
+pub const DEFAULT_SOCKETS_PER_CGROUP: u32 = 512;
+/// Cgroups with refused connects or binds (cgroup id -> [`CgroupRefusals`]). LRU: the cgroup refused least recently
+/// is forgotten first; the agent reads the map every second, so a cgroup is only lost from its summaries when more
+/// than this many others are refused within one second.
+pub const CGROUP_REFUSALS_MAX: u32 = 4_096;
+
+/// Whether a cgroup that already holds `live` redirected sockets may not have another one under `cap` (0: no cap).
+pub const fn over_cap(live: u64, cap: u32) -> bool {
+    cap != 0 && live >= cap as u64
+}
 
 /// Program names as they appear in the object (the Rust function names of the entry points).
 pub const PROG_CONNECT4: &str = "nmi_connect4";
@@ -38,6 +55,7 @@ pub const PROG_SOCKOPS: &str = "nmi_sock_ops";
 pub const PROG_EGRESS: &str = "nmi_egress";
 pub const PROG_BIND4: &str = "nmi_bind4";
 pub const PROG_BIND6: &str = "nmi_bind6";
+pub const PROG_SOCK_RELEASE: &str = "nmi_sock_release";
 
 /// Indexes into the per-CPU counter array.
 #[repr(u32)]
@@ -61,10 +79,20 @@ pub enum Counter {
     /// socket's source address: a spoofer). Neither is filed for it and the existing record is withdrawn, so the
     /// agent refuses the connection instead of attesting it as the first socket's caller.
     RecordCollided = 6,
+    /// A connect to IMDS:80 refused because its cgroup already holds its cap of live redirected sockets.
+    CgroupCapRefused = 7,
+    /// A TCP connect to IMDS on a port other than 80, refused (also counted in `Refused`).
+    RefusedPort = 8,
+    /// A connect to IMDS that is not TCP (UDP, ...), refused (also counted in `Refused`).
+    RefusedProtocol = 9,
+    /// An IPv6 connect to `::ffff:169.254.169.254`, refused (also counted in `Refused`).
+    RefusedV6Mapped = 10,
+    /// A connect to IMDS:80 while no redirect target is configured, refused (also counted in `Refused`).
+    RefusedNoTarget = 11,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 7] = [
+    pub const ALL: [Counter; 12] = [
         Counter::Redirected,
         Counter::Refused,
         Counter::EgressDropped,
@@ -72,6 +100,11 @@ impl Counter {
         Counter::Linked,
         Counter::BindRefused,
         Counter::RecordCollided,
+        Counter::CgroupCapRefused,
+        Counter::RefusedPort,
+        Counter::RefusedProtocol,
+        Counter::RefusedV6Mapped,
+        Counter::RefusedNoTarget,
     ];
     pub const COUNT: u32 = Self::ALL.len() as u32;
 
@@ -84,6 +117,11 @@ impl Counter {
             Counter::Linked => "linked",
             Counter::BindRefused => "bind_refused",
             Counter::RecordCollided => "record_collided",
+            Counter::CgroupCapRefused => "cgroup_cap_refused",
+            Counter::RefusedPort => "refused_port",
+            Counter::RefusedProtocol => "refused_protocol",
+            Counter::RefusedV6Mapped => "refused_v6mapped",
+            Counter::RefusedNoTarget => "refused_no_target",
         }
     }
 
@@ -104,8 +142,80 @@ impl Counter {
             Counter::RecordCollided => {
                 "redirected connections whose 4-tuple already had another socket's record (refused by the agent)"
             }
+            Counter::CgroupCapRefused => {
+                "connects to IMDS:80 refused because the cgroup already held its cap of redirected sockets"
+            }
+            Counter::RefusedPort => "TCP connects to IMDS on a port other than 80 refused",
+            Counter::RefusedProtocol => "connects to IMDS that are not TCP (UDP, ...) refused",
+            Counter::RefusedV6Mapped => "IPv6 connects to ::ffff:169.254.169.254 refused",
+            Counter::RefusedNoTarget => {
+                "connects to IMDS:80 refused while no redirect target was configured"
+            }
         }
     }
+}
+
+/// Why the kernel refused a connect or a bind: the index into [`CgroupRefusals::by_reason`].
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    Port = 0,
+    Protocol = 1,
+    V6Mapped = 2,
+    NoTarget = 3,
+    Cap = 4,
+    Bind = 5,
+}
+
+impl Refusal {
+    pub const ALL: [Refusal; 6] = [
+        Refusal::Port,
+        Refusal::Protocol,
+        Refusal::V6Mapped,
+        Refusal::NoTarget,
+        Refusal::Cap,
+        Refusal::Bind,
+    ];
+    pub const COUNT: usize = Self::ALL.len();
+
+    /// The node-wide counter that counts this reason.
+    pub const fn counter(self) -> Counter {
+        match self {
+            Refusal::Port => Counter::RefusedPort,
+            Refusal::Protocol => Counter::RefusedProtocol,
+            Refusal::V6Mapped => Counter::RefusedV6Mapped,
+            Refusal::NoTarget => Counter::RefusedNoTarget,
+            Refusal::Cap => Counter::CgroupCapRefused,
+            Refusal::Bind => Counter::BindRefused,
+        }
+    }
+
+    /// Whether this refusal also counts in [`Counter::Refused`] (the connect refusals it has always counted).
+    pub const fn is_refused_connect(self) -> bool {
+        matches!(
+            self,
+            Refusal::Port | Refusal::Protocol | Refusal::V6Mapped | Refusal::NoTarget
+        )
+    }
+
+    /// How the agent's log names it.
+    pub const fn describe(self) -> &'static str {
+        match self {
+            Refusal::Port => "TCP to a port other than 80",
+            Refusal::Protocol => "not TCP",
+            Refusal::V6Mapped => "IPv6 to ::ffff:169.254.169.254",
+            Refusal::NoTarget => "no redirect target yet",
+            Refusal::Cap => "over the cgroup's cap of redirected sockets",
+            Refusal::Bind => "bind to the agent's port",
+        }
+    }
+}
+
+/// One cgroup's refused connects and binds since the kernel first refused it, by [`Refusal`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CgroupRefusals {
+    pub by_reason: [u64; Refusal::COUNT],
 }
 
 /// An IPv4 address and port, both in network byte order as bytes.
@@ -233,6 +343,9 @@ pub struct RedirectConfig {
     pub netns_cookie: u64,
     /// The agent's health listener (`/healthz`, `/readyz`, `/metrics`); unset when it is not an IPv4 address.
     pub health: Endpoint4,
+    /// The most live redirected sockets one cgroup may hold; the connect beyond it is refused. 0 means no cap.
+    pub max_sockets_per_cgroup: u32,
+    pub _pad: u32,
 }
 
 impl RedirectConfig {
@@ -271,16 +384,19 @@ pub struct ConnKey {
 /// The user-space half: aya copies these types to and from the maps as raw bytes.
 #[cfg(feature = "user")]
 mod pod {
-    use super::{ConnKey, ConnRecord, Endpoint4, RedirectConfig};
+    use super::{CgroupRefusals, ConnKey, ConnRecord, Endpoint4, RedirectConfig};
 
     // SAFETY: `#[repr(C)]` byte arrays with explicit padding; every bit pattern is valid.
     unsafe impl aya::Pod for Endpoint4 {}
-    // SAFETY: `#[repr(C)]`, an `Endpoint4`, a u64 and an `Endpoint4`, no implicit padding; every bit pattern is valid.
+    // SAFETY: `#[repr(C)]`, an `Endpoint4`, a u64, an `Endpoint4` and two u32, no implicit padding; every bit pattern
+    // is valid.
     unsafe impl aya::Pod for RedirectConfig {}
     // SAFETY: `#[repr(C)]` integers and an `Endpoint4`, padding explicit; every bit pattern is valid.
     unsafe impl aya::Pod for ConnRecord {}
     // SAFETY: `#[repr(C)]`, two `Endpoint4`; every bit pattern is valid.
     unsafe impl aya::Pod for ConnKey {}
+    // SAFETY: `#[repr(C)]`, an array of u64; every bit pattern is valid.
+    unsafe impl aya::Pod for CgroupRefusals {}
 }
 
 /// std's address types for the agent and the host tests (the crate has std everywhere but on the BPF target).

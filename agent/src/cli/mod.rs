@@ -99,6 +99,11 @@ pub struct RunArgs {
     #[arg(long, env = "NMI_AGENT_PIN_DIR", default_value = DEFAULT_PIN_DIR)]
     pub pin_dir: PathBuf,
 
+    /// The most redirected IMDS sockets one cgroup may hold open at once; its next connect is refused (counted as
+    /// `cgroup_cap_refused`). 0 turns the cap off.
+    #[arg(long, env = "NMI_AGENT_MAX_SOCKETS_PER_CGROUP", default_value_t = nmi_agent_ebpf::abi::DEFAULT_SOCKETS_PER_CGROUP)]
+    pub max_sockets_per_cgroup: u32,
+
     /// Log format.
     #[arg(long, env = "NMI_AGENT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,

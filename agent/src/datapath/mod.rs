@@ -46,6 +46,8 @@ pub struct Options {
     pub netns_cookie: u64,
     /// The health listener's address, guarded like `redirect` (an IPv6 one is not guarded).
     pub health: Option<SocketAddrV4>,
+    /// The most live redirected sockets one cgroup may hold (0: no cap); see `docs/configuration.md`.
+    pub max_sockets_per_cgroup: u32,
 }
 
 /// The loaded, attached and pinned datapath.

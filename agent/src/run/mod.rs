@@ -1,5 +1,6 @@
 //! `nmi-agent run`: wires the parts together in data-flow order. This is the edge where errors become messages.
 
+mod refusals;
 mod signals;
 
 use std::{
@@ -131,6 +132,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
                 None
             }
         },
+        max_sockets_per_cgroup: args.max_sockets_per_cgroup,
     };
     let mut datapath = tokio::task::spawn_blocking(move || Datapath::start(&opts))
         .await
@@ -149,10 +151,9 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
         "kernel programs attached"
     );
 
-    let attestor = Arc::new(Attestor::new(
-        Arc::clone(&datapath),
-        Arc::new(CgroupResolver::new(cgroup)),
-    ));
+    let cgroups = Arc::new(CgroupResolver::new(cgroup));
+    refusals::spawn(Arc::clone(&datapath), Arc::clone(&cgroups));
+    let attestor = Arc::new(Attestor::new(Arc::clone(&datapath), cgroups));
 
     let mut metrics = Metrics::new();
     metrics.register_kernel(datapath);
