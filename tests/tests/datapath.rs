@@ -283,17 +283,7 @@ fn bypass_attempts_from_a_pod_fail_and_never_reach_imds() {
         );
     }
     // The refusals reach the agent's log, counted per cgroup and reason (the kernel logs none of them itself).
-    wait_for(
-        || {
-            w.agent.logs().iter().any(|line| {
-                line["cgroup"] == format!("/{}", pod.label)
-                    && line["reasons"]
-                        .as_str()
-                        .is_some_and(|r| r.contains("TCP to a port other than 80"))
-            })
-        },
-        "the agent's log names pod-a's cgroup and the refused :443 connect",
-    );
+    wait_for_refusal_line(&w.agent, pod, "TCP to a port other than 80");
     for (reason, n) in [("port", 1.0), ("protocol", 1.0), ("v6mapped", 1.0)] {
         let series = format!("nmi_kernel_refused_{reason}_total");
         assert_eq!(w.agent.metric(&series), Some(n), "{series}");
@@ -635,6 +625,20 @@ fn the_health_port_is_guarded_and_a_held_health_port_never_stops_the_token_servi
     );
 }
 
+/// Waits for the agent's log line about `pod`'s refusals (its first, or a summary) that names `reason`.
+fn wait_for_refusal_line(agent: &Agent, pod: &Pod, reason: &str) {
+    let cgroup = format!("/{}", pod.label);
+    wait_for(
+        || {
+            agent.logs().iter().any(|l| {
+                l["cgroup"] == cgroup.as_str()
+                    && l["reasons"].as_str().is_some_and(|r| r.contains(reason))
+            })
+        },
+        &format!("the agent's log names {cgroup} and its refusals ({reason})"),
+    );
+}
+
 /// Whether `netns` has a TCP socket in `state` (an `ss` state name) that matches the `ss` filter `filter`.
 fn has_socket(netns: &Netns, state: &str, filter: &[&str]) -> bool {
     sockets(netns, state, filter) > 0
@@ -970,17 +974,7 @@ fn a_pod_holding_redirected_sockets_meets_its_cap_and_other_pods_keep_being_serv
         "the connect beyond the cap"
     );
     // The log has the flooder's refusals, summarised: named by its cgroup, with the reason.
-    wait_for(
-        || {
-            w.agent.logs().iter().any(|l| {
-                l["cgroup"] == format!("/{}", flooder.label)
-                    && l["reasons"]
-                        .as_str()
-                        .is_some_and(|r| r.contains("over the cgroup's cap"))
-            })
-        },
-        "the agent's log names the flooder's cgroup and its refusals at the cap",
-    );
+    wait_for_refusal_line(&w.agent, flooder, "over the cgroup's cap");
 }
 
 #[test]

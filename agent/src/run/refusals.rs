@@ -75,24 +75,22 @@ fn log(line: &Line<{ Refusal::COUNT }>, cgroups: &CgroupResolver) {
         .join(", ");
     let refused = line.total();
     let every = SUMMARY_EVERY.as_secs();
-    match line.kind {
-        LineKind::First => tracing::warn!(
-            cgroup_id = line.cgroup_id,
-            cgroup,
-            pod_uid,
-            refused,
-            reasons,
+    let message = match line.kind {
+        LineKind::First => format!(
             "cgroup {cgroup}{pod}: {refused} refused connect(s) or bind(s) to IMDS or the agent's ports ({reasons}); \
              further refusals of this cgroup are summarised every {every} s"
         ),
-        LineKind::Summary => tracing::warn!(
-            cgroup_id = line.cgroup_id,
-            cgroup,
-            pod_uid,
-            refused,
-            reasons,
+        LineKind::Summary => format!(
             "cgroup {cgroup}{pod}: {refused} refused connect(s) or bind(s) to IMDS or the agent's ports in the last \
              {every} s ({reasons})"
         ),
-    }
+    };
+    tracing::warn!(
+        cgroup_id = line.cgroup_id,
+        cgroup,
+        pod_uid,
+        refused,
+        reasons,
+        "{message}"
+    );
 }
