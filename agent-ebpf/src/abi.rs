@@ -31,7 +31,7 @@ pub const EXEMPT_MAX: u32 = 64;
 pub const SOCKETS_MAX: u32 = 65_536;
 /// Established redirected connections (4-tuple -> record). LRU, same reasoning.
 pub const CONNS_MAX: u32 = 65_536;
-/// Cgroups with a count of live redirected sockets (cgroup id -> count). LRU: a cgroup whose count is back at zero
+/// Cgroups with a count of live redirected sockets (cgroup id -> count, an i64). LRU: a cgroup whose count is back at zero
 /// is forgotten oldest first; a live count is only lost after this many more recently active cgroups, far more
 /// than a node runs.
 pub const CGROUP_SOCKETS_MAX: u32 = 16_384;
@@ -43,8 +43,10 @@ pub const DEFAULT_SOCKETS_PER_CGROUP: u32 = 512;
 pub const CGROUP_REFUSALS_MAX: u32 = 4_096;
 
 /// Whether a cgroup that already holds `live` redirected sockets may not have another one under `cap` (0: no cap).
-pub const fn over_cap(live: u64, cap: u32) -> bool {
-    cap != 0 && live >= cap as u64
+/// `live` is signed: a count the LRU forgot and recreated while sockets were open ends below zero when they close,
+/// which only loosens that cgroup's cap.
+pub const fn over_cap(live: i64, cap: u32) -> bool {
+    cap != 0 && live >= cap as i64
 }
 
 mod refusal;

@@ -259,15 +259,17 @@ fn the_bind_hooks_guard_the_token_port_and_the_health_port_under_every_spelling(
 #[test]
 fn the_cap_refuses_the_socket_beyond_it_and_zero_means_no_cap() {
     // (live sockets already held, cap, refused)
-    let table: [(u64, u32, bool); 7] = [
+    let table: [(i64, u32, bool); 8] = [
         (0, 1, false),
         (0, 512, false),
         (511, 512, false),
         (512, 512, true),
         // A count above the cap (concurrent connects overshot it, or the cap was lowered) still refuses.
         (600, 512, true),
+        // Below zero (a count the LRU forgot while its sockets were open): looser, never stuck.
+        (-3, 1, false),
         (0, 0, false),
-        (u64::MAX, 0, false),
+        (i64::MAX, 0, false),
     ];
     for (live, cap, refused) in table {
         assert_eq!(over_cap(live, cap), refused, "{live} held, cap {cap}");

@@ -29,7 +29,7 @@ pub static NMI_CONNS: LruHashMap<ConnKey, ConnRecord> = LruHashMap::pinned(CONNS
 /// Live redirected sockets per cgroup: one for each `NMI_SOCKETS` entry of that cgroup. Every path that files an
 /// entry goes through [`file_socket`], every path that drops one through [`drop_socket`], so the two stay in step.
 #[map]
-pub static NMI_CGROUP_SOCKETS: LruHashMap<u64, u64> = LruHashMap::pinned(CGROUP_SOCKETS_MAX, 0);
+pub static NMI_CGROUP_SOCKETS: LruHashMap<u64, i64> = LruHashMap::pinned(CGROUP_SOCKETS_MAX, 0);
 
 #[map]
 pub static NMI_COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(Counter::COUNT, 0);
@@ -60,7 +60,7 @@ pub fn refuse(reason: Refusal, cgroup_id: u64) -> i32 {
         // pointer stays inside it.
         let slot = unsafe {
             core::ptr::addr_of_mut!((*counts).by_reason)
-                .cast::<u64>()
+                .cast::<i64>()
                 .add(reason as usize)
         };
         atomic_add(slot, 1);
@@ -112,7 +112,7 @@ pub fn file_socket(cookie: u64, record: &ConnRecord, cap: u32) -> Result<(), Fil
     };
     // Read, then add: concurrent connects of one cgroup may pass the check together and overshoot the cap by at most
     // one per CPU; an exact check would need the fetching atomics (BPF v3), which this object does not assume.
-    // SAFETY: a valid, aligned map value that lives as long as the entry; a torn read cannot happen for an aligned u64.
+    // SAFETY: a valid, aligned map value that lives as long as the entry; a torn read cannot happen for an aligned i64.
     if over_cap(unsafe { count.read_volatile() }, cap) {
         return Err(FileError::OverCap);
     }
@@ -147,22 +147,19 @@ fn entry_or_zero<V: Default>(map: &LruHashMap<u64, V>, key: u64) -> Option<*mut 
     map.get_ptr_mut(key)
 }
 
-/// Uncounts one socket, never below zero: a count the LRU forgot and recreated may hold less than its sockets.
+/// Uncounts one socket. No floor: with two sockets closing at once, a read-then-decrement could take a count of one
+/// below zero twice over; a count may go negative instead (see `abi::over_cap`).
 #[inline(always)]
-fn release(count: *mut u64) {
-    // SAFETY: as in `file_socket`.
-    if unsafe { count.read_volatile() } > 0 {
-        // Adding u64::MAX is subtracting one; a plain add is the atomic every BPF version has.
-        atomic_add(count, u64::MAX);
-    }
+fn release(count: *mut i64) {
+    atomic_add(count, -1);
 }
 
 /// `*value += delta` as one atomic instruction (BPF_ATOMIC | BPF_ADD, the old XADD), which every CPU's concurrent
 /// connects and closes of one cgroup can run at once without losing an update.
 #[inline(always)]
-fn atomic_add(value: *mut u64, delta: u64) {
-    // SAFETY: `value` points at a live, aligned u64 map value (from `get_ptr_mut`); the instruction touches nothing
-    // else.
+fn atomic_add(value: *mut i64, delta: i64) {
+    // SAFETY: `value` points at a live, aligned 8-byte map value (from `get_ptr_mut`); the instruction touches
+    // nothing else. Two's complement: the same instruction adds signed and unsigned values.
     unsafe {
         core::arch::asm!(
             "lock *(u64 *)({0} + 0) += {1}",
