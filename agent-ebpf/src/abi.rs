@@ -9,7 +9,7 @@
 //! after it, so a pinned map of an older layout is never reused.
 
 /// Bumped on any change to a map's key, value, type or size.
-pub const LAYOUT_VERSION: u32 = 4;
+pub const LAYOUT_VERSION: u32 = 5;
 
 /// The Instance Metadata Service address every Azure SDK calls.
 pub const IMDS_ADDR: [u8; 4] = [169, 254, 169, 254];
@@ -21,6 +21,8 @@ pub const MAP_EXEMPT: &str = "NMI_EXEMPT";
 pub const MAP_SOCKETS: &str = "NMI_SOCKETS";
 pub const MAP_CONNS: &str = "NMI_CONNS";
 pub const MAP_COUNTERS: &str = "NMI_COUNTERS";
+pub const MAP_CGROUP_SOCKETS: &str = "NMI_CGROUP_SOCKETS";
+pub const MAP_CGROUP_REFUSALS: &str = "NMI_CGROUP_REFUSALS";
 
 /// Cgroups whose connects are never intercepted (the agent's own).
 pub const EXEMPT_MAX: u32 = 64;
@@ -29,6 +31,26 @@ pub const EXEMPT_MAX: u32 = 64;
 pub const SOCKETS_MAX: u32 = 65_536;
 /// Established redirected connections (4-tuple -> record). LRU, same reasoning.
 pub const CONNS_MAX: u32 = 65_536;
+/// Cgroups with a count of live redirected sockets (cgroup id -> count, an i64). LRU: a cgroup whose count is back at zero
+/// is forgotten oldest first; a live count is only lost after this many more recently active cgroups, far more
+/// than a node runs.
+pub const CGROUP_SOCKETS_MAX: u32 = 16_384;
+/// The default cap on live redirected sockets per cgroup (see `docs/configuration.md` for the sizing).
+pub const DEFAULT_SOCKETS_PER_CGROUP: u32 = 512;
+/// Cgroups with refused connects or binds (cgroup id -> [`CgroupRefusals`]). LRU: the cgroup refused least recently
+/// is forgotten first; the agent reads the map every second, so a cgroup is only lost from its summaries when more
+/// than this many others are refused within one second.
+pub const CGROUP_REFUSALS_MAX: u32 = 4_096;
+
+/// Whether a cgroup that already holds `live` redirected sockets may not have another one under `cap` (0: no cap).
+/// `live` is signed: a count the LRU forgot and recreated while sockets were open ends below zero when they close,
+/// which only loosens that cgroup's cap.
+pub const fn over_cap(live: i64, cap: u32) -> bool {
+    cap != 0 && live >= cap as i64
+}
+
+mod refusal;
+pub use refusal::{CgroupRefusals, Refusal};
 
 /// Program names as they appear in the object (the Rust function names of the entry points).
 pub const PROG_CONNECT4: &str = "nmi_connect4";
@@ -38,6 +60,7 @@ pub const PROG_SOCKOPS: &str = "nmi_sock_ops";
 pub const PROG_EGRESS: &str = "nmi_egress";
 pub const PROG_BIND4: &str = "nmi_bind4";
 pub const PROG_BIND6: &str = "nmi_bind6";
+pub const PROG_SOCK_RELEASE: &str = "nmi_sock_release";
 /// The tc classifier on the device that routes to IMDS (not a cgroup program: attached per device).
 pub const PROG_FORWARD: &str = "nmi_forward";
 
@@ -66,10 +89,20 @@ pub enum Counter {
     /// A packet to IMDS leaving the node's IMDS device without a local socket (forwarded from a pod: hand-built
     /// frames, decapsulated IPIP/VXLAN, anything the node routes), or from a packet socket, dropped by the tc guard.
     ForwardDropped = 7,
+    /// A connect to IMDS:80 refused because its cgroup already holds its cap of live redirected sockets.
+    CgroupCapRefused = 8,
+    /// A TCP connect to IMDS on a port other than 80, refused (also counted in `Refused`).
+    RefusedPort = 9,
+    /// A connect to IMDS that is not TCP (UDP, ...), refused (also counted in `Refused`).
+    RefusedProtocol = 10,
+    /// An IPv6 connect to `::ffff:169.254.169.254`, refused (also counted in `Refused`).
+    RefusedV6Mapped = 11,
+    /// A connect to IMDS:80 while no redirect target is configured, refused (also counted in `Refused`).
+    RefusedNoTarget = 12,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 8] = [
+    pub const ALL: [Counter; 13] = [
         Counter::Redirected,
         Counter::Refused,
         Counter::EgressDropped,
@@ -78,6 +111,11 @@ impl Counter {
         Counter::BindRefused,
         Counter::RecordCollided,
         Counter::ForwardDropped,
+        Counter::CgroupCapRefused,
+        Counter::RefusedPort,
+        Counter::RefusedProtocol,
+        Counter::RefusedV6Mapped,
+        Counter::RefusedNoTarget,
     ];
     pub const COUNT: u32 = Self::ALL.len() as u32;
 
@@ -91,6 +129,11 @@ impl Counter {
             Counter::BindRefused => "bind_refused",
             Counter::RecordCollided => "record_collided",
             Counter::ForwardDropped => "forward_dropped",
+            Counter::CgroupCapRefused => "cgroup_cap_refused",
+            Counter::RefusedPort => "refused_port",
+            Counter::RefusedProtocol => "refused_protocol",
+            Counter::RefusedV6Mapped => "refused_v6mapped",
+            Counter::RefusedNoTarget => "refused_no_target",
         }
     }
 
@@ -113,6 +156,15 @@ impl Counter {
             }
             Counter::ForwardDropped => {
                 "packets to IMDS without a local socket (forwarded, decapsulated, or from a packet socket) dropped on the IMDS device"
+            }
+            Counter::CgroupCapRefused => {
+                "connects to IMDS:80 refused because the cgroup already held its cap of redirected sockets"
+            }
+            Counter::RefusedPort => "TCP connects to IMDS on a port other than 80 refused",
+            Counter::RefusedProtocol => "connects to IMDS that are not TCP (UDP, ...) refused",
+            Counter::RefusedV6Mapped => "IPv6 connects to ::ffff:169.254.169.254 refused",
+            Counter::RefusedNoTarget => {
+                "connects to IMDS:80 refused while no redirect target was configured"
             }
         }
     }
@@ -266,6 +318,9 @@ pub struct RedirectConfig {
     pub netns_cookie: u64,
     /// The agent's health listener (`/healthz`, `/readyz`, `/metrics`); unset when it is not an IPv4 address.
     pub health: Endpoint4,
+    /// The most live redirected sockets one cgroup may hold; the connect beyond it is refused. 0 means no cap.
+    pub max_sockets_per_cgroup: u32,
+    pub _pad: u32,
 }
 
 impl RedirectConfig {
@@ -304,16 +359,19 @@ pub struct ConnKey {
 /// The user-space half: aya copies these types to and from the maps as raw bytes.
 #[cfg(feature = "user")]
 mod pod {
-    use super::{ConnKey, ConnRecord, Endpoint4, RedirectConfig};
+    use super::{CgroupRefusals, ConnKey, ConnRecord, Endpoint4, RedirectConfig};
 
     // SAFETY: `#[repr(C)]` byte arrays with explicit padding; every bit pattern is valid.
     unsafe impl aya::Pod for Endpoint4 {}
-    // SAFETY: `#[repr(C)]`, an `Endpoint4`, a u64 and an `Endpoint4`, no implicit padding; every bit pattern is valid.
+    // SAFETY: `#[repr(C)]`, an `Endpoint4`, a u64, an `Endpoint4` and two u32, no implicit padding; every bit pattern
+    // is valid.
     unsafe impl aya::Pod for RedirectConfig {}
     // SAFETY: `#[repr(C)]` integers and an `Endpoint4`, padding explicit; every bit pattern is valid.
     unsafe impl aya::Pod for ConnRecord {}
     // SAFETY: `#[repr(C)]`, two `Endpoint4`; every bit pattern is valid.
     unsafe impl aya::Pod for ConnKey {}
+    // SAFETY: `#[repr(C)]`, an array of u64; every bit pattern is valid.
+    unsafe impl aya::Pod for CgroupRefusals {}
 }
 
 /// std's address types for the agent and the host tests (the crate has std everywhere but on the BPF target).

@@ -4,8 +4,8 @@
 #[cfg(target_arch = "bpf")]
 mod entry {
     use aya_ebpf::{
-        macros::{cgroup_skb, cgroup_sock_addr, classifier, sock_ops},
-        programs::{SkBuffContext, SockAddrContext, SockOpsContext, TcContext},
+        macros::{cgroup_skb, cgroup_sock, cgroup_sock_addr, classifier, sock_ops},
+        programs::{SkBuffContext, SockAddrContext, SockContext, SockOpsContext, TcContext},
     };
     use nmi_agent_ebpf::programs;
 
@@ -37,6 +37,11 @@ mod entry {
     #[sock_ops]
     pub fn nmi_sock_ops(ctx: SockOpsContext) -> u32 {
         programs::sock_ops::sock_ops(&ctx)
+    }
+
+    #[cgroup_sock(sock_release)]
+    pub fn nmi_sock_release(ctx: SockContext) -> i32 {
+        programs::sock_release::sock_release(&ctx)
     }
 
     #[cgroup_skb(egress)]

@@ -3,7 +3,8 @@
 //! Data flow: [`connect`] redirects a pod's connect to IMDS and records the socket, [`sock_ops`] files that record
 //! under the connection's 4-tuple (the agent's lookup key), [`getpeername`] hides the rewrite from the caller, and
 //! [`egress`] drops whatever reaches for IMDS some other way, [`forward`] drops what the node would forward to IMDS,
-//! and [`bind`] keeps the agent's port the agent's.
+//! and [`bind`] keeps the agent's port the agent's. [`sock_release`] drops a record whose socket goes without a TCP
+//! close, so each cgroup's count of live redirected sockets (its cap, see `maps::file_socket`) stays exact.
 
 pub mod bind;
 pub mod connect;
@@ -12,6 +13,7 @@ pub mod forward;
 pub mod getpeername;
 pub mod maps;
 pub mod sock_ops;
+pub mod sock_release;
 
 use aya_ebpf::{EbpfContext, helpers::bpf_get_socket_cookie, programs::SockAddrContext};
 

@@ -35,6 +35,11 @@ struct World {
 }
 
 fn world(test: &str) -> Option<World> {
+    world_with(test, &[])
+}
+
+/// [`world`], with more agent flags.
+fn world_with(test: &str, extra: &[&str]) -> Option<World> {
     if !require_root(test) {
         return None;
     }
@@ -44,10 +49,9 @@ fn world(test: &str) -> Option<World> {
     // Standalone mode with no identities: these tests are about interception and attestation, not tokens.
     let bindings = nmi_agent_e2e::bindings::write(&topo.log_dir, &[], &[]);
     let bindings = bindings.display().to_string();
-    let agent = Agent::start(
-        &topo,
-        &["--bindings", &bindings, "--imds-url", "http://127.0.0.1:9"],
-    );
+    let mut args = vec!["--bindings", &bindings, "--imds-url", "http://127.0.0.1:9"];
+    args.extend_from_slice(extra);
+    let agent = Agent::start(&topo, &args);
     Some(World { agent, topo })
 }
 
@@ -286,17 +290,12 @@ fn bypass_attempts_from_a_pod_fail_and_never_reach_imds() {
             "{what}: expected EPERM at connect, got {a:?}"
         );
     }
-    // The kernel program's own log record about the refusal reaches the agent's log (aya-log -> log -> tracing).
-    wait_for(
-        || {
-            w.agent.logs().iter().any(|line| {
-                line.get("message")
-                    .and_then(|m| m.as_str())
-                    .is_some_and(|m| m.contains("refused connect to 169.254.169.254:443"))
-            })
-        },
-        "the connect4 program's log record about the refused :443 connect is in the agent's log",
-    );
+    // The refusals reach the agent's log, counted per cgroup and reason (the kernel logs none of them itself).
+    wait_for_refusal_line(&w.agent, pod, "TCP to a port other than 80");
+    for (reason, n) in [("port", 1.0), ("protocol", 1.0), ("v6mapped", 1.0)] {
+        let series = format!("nmi_kernel_refused_{reason}_total");
+        assert_eq!(w.agent.metric(&series), Some(n), "{series}");
+    }
 
     // These skip connect; the egress guard must drop the packets. Whether the send call reports it is not the
     // contract (a silent drop is as good), so only the trap decides, below.
@@ -824,13 +823,32 @@ fn the_health_port_is_guarded_and_a_held_health_port_never_stops_the_token_servi
     );
 }
 
+/// Waits for the agent's log line about `pod`'s refusals (its first, or a summary) that names `reason`.
+fn wait_for_refusal_line(agent: &Agent, pod: &Pod, reason: &str) {
+    let cgroup = format!("/{}", pod.label);
+    wait_for(
+        || {
+            agent.logs().iter().any(|l| {
+                l["cgroup"] == cgroup.as_str()
+                    && l["reasons"].as_str().is_some_and(|r| r.contains(reason))
+            })
+        },
+        &format!("the agent's log names {cgroup} and its refusals ({reason})"),
+    );
+}
+
 /// Whether `netns` has a TCP socket in `state` (an `ss` state name) that matches the `ss` filter `filter`.
 fn has_socket(netns: &Netns, state: &str, filter: &[&str]) -> bool {
+    sockets(netns, state, filter) > 0
+}
+
+/// How many TCP sockets in `state` that match the `ss` filter `filter` `netns` has.
+fn sockets(netns: &Netns, state: &str, filter: &[&str]) -> usize {
     let mut ss = netns.command("ss");
     ss.args(["-Htn", "state", state]).args(filter);
     let out = ss.output().expect("run ss");
     assert!(out.status.success(), "ss: {out:?}");
-    !out.stdout.is_empty()
+    out.stdout.iter().filter(|&&b| b == b'\n').count()
 }
 
 #[test]
@@ -993,4 +1011,254 @@ fn a_second_connection_under_a_recorded_4_tuple_is_refused_not_attested_as_the_f
         w.agent.metric("nmi_kernel_record_collided_total"),
         Some(1.0)
     );
+}
+
+#[test]
+fn a_pod_holding_redirected_sockets_meets_its_cap_and_other_pods_keep_being_served() {
+    // A low cap keeps the flood small; the default (512) is the same code with a larger number.
+    const CAP: usize = 32;
+    const FLOOD: usize = 200;
+    let cap = CAP.to_string();
+    let Some(w) = world_with("datapath::cgroup_cap", &["--max-sockets-per-cgroup", &cap]) else {
+        return;
+    };
+    let (flooder, victim) = (&w.topo.pod_a, &w.topo.pod_b);
+    let count = FLOOD.to_string();
+    let flood = Background::spawn(&mut flooder.probe_command(&["hold", "--count", &count]));
+    let refused = || {
+        w.agent
+            .metric("nmi_kernel_cgroup_cap_refused_total")
+            .unwrap_or(0.0)
+    };
+    // While the flooder sits on every redirected socket it may have and keeps asking for more, another pod's token
+    // requests are redirected, attested and answered at once.
+    let mut served = 0;
+    while refused() < (FLOOD - CAP) as f64 {
+        let a = victim.probe_one(&["http"]);
+        assert_attested(&w.agent, victim, &a);
+        assert!(
+            a.elapsed_us < 1_000_000,
+            "{}: a token request took {} ms during the flood",
+            victim.label,
+            a.elapsed_us / 1000
+        );
+        served += 1;
+        assert!(
+            served < 500,
+            "the flood never met its cap: refused = {}",
+            refused()
+        );
+    }
+    // And while the flooder holds its cap's worth, too.
+    for _ in 0..5 {
+        let a = victim.probe_one(&["http"]);
+        assert_attested(&w.agent, victim, &a);
+        assert!(a.elapsed_us < 1_000_000, "{a:?}");
+        served += 1;
+    }
+
+    let attempts = flood.finish();
+    let held = attempts.iter().filter(|a| a.ok).count();
+    let eperm = attempts
+        .iter()
+        .filter(|a| !a.ok && a.errno == Some(libc::EPERM))
+        .count();
+    println!(
+        "flood of {FLOOD}: {held} held, {eperm} refused; {served} requests of another pod served meanwhile"
+    );
+    assert_eq!(
+        (held, eperm),
+        (CAP, FLOOD - CAP),
+        "held, refused at the cap"
+    );
+    assert_eq!(
+        refused(),
+        (FLOOD - CAP) as f64,
+        "nmi_kernel_cgroup_cap_refused_total"
+    );
+
+    // Closing them gives every place back, no more and no fewer: the count follows the sockets down.
+    assert_attested(&w.agent, flooder, &flooder.probe_one(&["http"]));
+    let half = CAP / 2;
+    let established =
+        Background::spawn(&mut flooder.probe_command(&["hold", "--count", &half.to_string()]));
+    let agent = w.agent.listen.to_string();
+    // The agent may already have closed its end of an idle connection (CLOSE_WAIT here): still held.
+    wait_for(
+        || {
+            sockets(&flooder.netns, "established", &["dst", &agent])
+                + sockets(&flooder.netns, "close-wait", &["dst", &agent])
+                == half
+        },
+        "the flooder holds half its cap in established connections",
+    );
+
+    // Now sockets held in SYN_SENT: the flooder's next hop is black-holed, so its handshakes never complete. They
+    // count against the cap like established ones, and another pod is served all the while.
+    let bridge_ip = w.topo.bridge_ip.to_string();
+    let nowhere = [
+        "lladdr",
+        "02:00:00:00:00:01",
+        "dev",
+        "eth0",
+        "nud",
+        "permanent",
+    ];
+    flooder
+        .netns
+        .ip(&[&["neigh", "replace", &bridge_ip][..], &nowhere].concat());
+    let pending =
+        Background::spawn(&mut flooder.probe_command(&["hold", "--pending", "--count", &count]));
+    wait_for(
+        || sockets(&flooder.netns, "syn-sent", &["dst", &agent]) == CAP - half,
+        "the flooder holds the rest of its cap in SYN_SENT",
+    );
+    for _ in 0..5 {
+        let a = victim.probe_one(&["http"]);
+        assert_attested(&w.agent, victim, &a);
+        assert!(a.elapsed_us < 1_000_000, "{a:?}");
+    }
+    let attempts = pending.finish();
+    let connecting = attempts.iter().filter(|a| a.ok).count();
+    let eperm = attempts
+        .iter()
+        .filter(|a| a.errno == Some(libc::EPERM))
+        .count();
+    assert_eq!(
+        (connecting, eperm),
+        (CAP - half, FLOOD - (CAP - half)),
+        "in SYN_SENT, refused at the cap: {:?}",
+        attempts
+            .iter()
+            .find(|a| !a.ok && a.errno != Some(libc::EPERM))
+    );
+    assert_eq!(
+        refused(),
+        (2 * FLOOD - CAP - (CAP - half)) as f64,
+        "nmi_kernel_cgroup_cap_refused_total after both floods"
+    );
+    flooder
+        .netns
+        .ip(&["neigh", "del", &bridge_ip, "dev", "eth0"]);
+
+    // The sockets released in SYN_SENT gave back their places exactly once (twice would leave room for more than
+    // the cap, never would leave none): with half the cap still established, half of it is free again.
+    let again = flooder.probe(&["hold", "--count", &cap]);
+    let held = again.iter().filter(|a| a.ok).count();
+    assert_eq!(
+        held,
+        CAP - half,
+        "sockets the flooder could add: {again:#?}"
+    );
+    let established = established.finish();
+    assert_eq!(established.iter().filter(|a| a.ok).count(), half);
+
+    // With every socket closed, the whole cap is free again.
+    let over = (CAP + 1).to_string();
+    let again = flooder.probe(&["hold", "--count", &over]);
+    let held = again.iter().filter(|a| a.ok).count();
+    assert_eq!(held, CAP, "sockets held after the flood ended: {again:#?}");
+    assert_eq!(
+        again.last().and_then(|a| a.errno),
+        Some(libc::EPERM),
+        "the connect beyond the cap"
+    );
+    // The log has the flooder's refusals, summarised: named by its cgroup, with the reason.
+    wait_for_refusal_line(&w.agent, flooder, "over the cgroup's cap");
+}
+
+#[test]
+fn a_pod_refused_thousands_of_times_costs_a_few_log_lines_and_is_counted_exactly() {
+    const FLOOD: usize = 5_000;
+    let Some(w) = world("datapath::refusal_log") else {
+        return;
+    };
+    let pod = &w.topo.pod_a;
+    let cgroup = format!("/{}", pod.label);
+    // Lines about this pod's refusals, however they are worded: its cgroup, or any mention of a refusal.
+    let about_refusals = || -> Vec<serde_json::Value> {
+        w.agent
+            .logs()
+            .into_iter()
+            .filter(|l| {
+                let text = l.to_string().to_lowercase();
+                l["cgroup"] == cgroup.as_str() || text.contains("refus")
+            })
+            .collect()
+    };
+    let before = about_refusals().len();
+
+    // One refusal first: it is logged at once, naming the pod's cgroup and the reason.
+    let first = pod.probe_one(&["udp", "--connect"]);
+    assert!(!first.ok && first.errno == Some(libc::EPERM), "{first:?}");
+    wait_until(
+        Duration::from_secs(3),
+        "the first refusal of pod-a is logged at once",
+        || {
+            about_refusals().iter().any(|l| {
+                l["cgroup"] == cgroup.as_str()
+                    && l["refused"] == 1
+                    && l["message"]
+                        .as_str()
+                        .is_some_and(|m| m.contains(&cgroup) && m.contains("not TCP: 1"))
+            })
+        },
+    );
+    // Then the flood.
+    let attempts = pod.probe(&["udp", "--connect", "--count", &(FLOOD - 1).to_string()]);
+    let refused = attempts
+        .iter()
+        .filter(|a| !a.ok && a.stage.as_deref() == Some("connect") && a.errno == Some(libc::EPERM))
+        .count();
+    assert_eq!(
+        refused,
+        FLOOD - 1,
+        "UDP connects to IMDS refused at connect"
+    );
+    // Counted exactly, node-wide and by reason.
+    assert_eq!(
+        w.agent.metric("nmi_kernel_refused_protocol_total"),
+        Some(FLOOD as f64)
+    );
+    assert_eq!(
+        w.agent.metric("nmi_kernel_refused_total"),
+        Some(FLOOD as f64)
+    );
+
+    // The log: the first refusal at once, the rest in one summary per interval; together they account for every
+    // refusal, under the pod's cgroup.
+    let reported = || -> u64 {
+        about_refusals()
+            .iter()
+            .filter(|l| l["cgroup"] == cgroup.as_str())
+            .filter_map(|l| l["refused"].as_u64())
+            .sum()
+    };
+    wait_until(
+        Duration::from_secs(30),
+        "the agent's refusal lines for pod-a add up to the flood",
+        || reported() == FLOOD as u64,
+    );
+    let lines = about_refusals();
+    let new = &lines[before..];
+    println!(
+        "{FLOOD} refused connects: {} log lines: {new:#?}",
+        new.len()
+    );
+    assert!(
+        new.len() <= 4,
+        "{} log lines about {FLOOD} refusals: {new:#?}",
+        new.len()
+    );
+    // The rest came as summaries (one per 10 s interval at most), naming the cgroup, the count and the reason.
+    let summaries: Vec<&serde_json::Value> = new
+        .iter()
+        .filter(|l| {
+            l["message"].as_str().is_some_and(|m| {
+                m.contains("in the last 10 s") && m.contains(&cgroup) && m.contains("not TCP: ")
+            })
+        })
+        .collect();
+    let summarised: u64 = summaries.iter().filter_map(|l| l["refused"].as_u64()).sum();
+    assert_eq!(summarised, FLOOD as u64 - 1, "summaries: {summaries:#?}");
 }

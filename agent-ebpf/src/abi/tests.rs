@@ -64,7 +64,11 @@ fn layouts_have_no_implicit_padding() {
     assert_eq!(core::mem::offset_of!(ConnRecord, original), 16);
     assert_eq!(core::mem::offset_of!(ConnRecord, tgid), 24);
     assert_eq!(core::mem::offset_of!(ConnRecord, _pad), 28);
-    assert_eq!(core::mem::size_of::<RedirectConfig>(), 24);
+    assert_eq!(core::mem::size_of::<RedirectConfig>(), 32);
+    assert_eq!(
+        core::mem::offset_of!(RedirectConfig, max_sockets_per_cgroup),
+        24
+    );
 }
 
 /// `user_ip6` as the kernel lays it out: the address's bytes in order, read four at a time in native order.
@@ -204,6 +208,7 @@ fn the_bind_hooks_guard_the_token_port_and_the_health_port_under_every_spelling(
         target: Endpoint4::new([10, 1, 0, 1], 2579),
         netns_cookie: 1,
         health: Endpoint4::new([127, 0, 0, 1], 9102),
+        ..RedirectConfig::default()
     };
     // (address, port, refused)
     let table: [(&str, u16, bool); 22] = [
@@ -271,5 +276,62 @@ fn the_forward_guard_drops_packets_to_imds_that_no_ip_socket_of_the_node_sent() 
             dropped,
             "{daddr:?} from {family:?}"
         );
+    }
+}
+
+#[test]
+fn the_cap_refuses_the_socket_beyond_it_and_zero_means_no_cap() {
+    // (live sockets already held, cap, refused)
+    let table: [(i64, u32, bool); 8] = [
+        (0, 1, false),
+        (0, 512, false),
+        (511, 512, false),
+        (512, 512, true),
+        // A count above the cap (concurrent connects overshot it, or the cap was lowered) still refuses.
+        (600, 512, true),
+        // Below zero (a count the LRU forgot while its sockets were open): looser, never stuck.
+        (-3, 1, false),
+        (0, 0, false),
+        (i64::MAX, 0, false),
+    ];
+    for (live, cap, refused) in table {
+        assert_eq!(over_cap(live, cap), refused, "{live} held, cap {cap}");
+    }
+}
+
+#[test]
+fn every_refusal_reason_has_its_own_slot_and_its_own_counter() {
+    for (i, r) in Refusal::ALL.iter().enumerate() {
+        assert_eq!(*r as usize, i, "{r:?} is not at its index");
+    }
+    let counters: std::collections::HashSet<u32> =
+        Refusal::ALL.iter().map(|r| r.counter() as u32).collect();
+    assert_eq!(
+        counters.len(),
+        Refusal::COUNT,
+        "two reasons share a counter"
+    );
+    // The connect refusals keep counting in `refused` as well, as they always did; the cap and the bind guard had
+    // counters of their own before.
+    let in_refused: Vec<Refusal> = Refusal::ALL
+        .into_iter()
+        .filter(|r| r.is_refused_connect())
+        .collect();
+    assert_eq!(
+        in_refused,
+        [
+            Refusal::Port,
+            Refusal::Protocol,
+            Refusal::V6Mapped,
+            Refusal::NoTarget
+        ]
+    );
+    assert_eq!(core::mem::size_of::<CgroupRefusals>(), 8 * Refusal::COUNT);
+}
+
+#[test]
+fn counters_are_indexed_by_their_place_in_all() {
+    for (i, c) in Counter::ALL.iter().enumerate() {
+        assert_eq!(*c as usize, i, "{c:?}");
     }
 }

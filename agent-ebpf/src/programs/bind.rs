@@ -9,13 +9,12 @@ use aya_ebpf::{
     EbpfContext, bindings::bpf_sock_addr, helpers::generated::bpf_get_netns_cookie,
     programs::SockAddrContext,
 };
-use aya_log_ebpf::info;
 
 use super::{
-    ALLOW, REJECT,
-    maps::{NMI_CONFIG, count, intercepted_caller},
+    ALLOW,
+    maps::{NMI_CONFIG, intercepted_caller, refuse},
 };
-use crate::abi::{BindAddr, Counter, Endpoint4};
+use crate::abi::{BindAddr, Endpoint4, Refusal};
 
 #[inline(always)]
 pub fn bind4(ctx: &SockAddrContext) -> i32 {
@@ -46,13 +45,12 @@ fn guard(ctx: &SockAddrContext, addr: BindAddr, port: u16) -> i32 {
     }
     // SAFETY: the helper takes this program's own context pointer, valid for the program's run.
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    if netns != config.netns_cookie || intercepted_caller().is_none() {
+    if netns != config.netns_cookie {
         return ALLOW;
     }
-    count(Counter::BindRefused);
-    info!(
-        ctx,
-        "refused a bind to the agent's port {} in its network namespace", port
-    );
-    REJECT
+    match intercepted_caller() {
+        // Counted, not logged: the agent's per-cgroup summary reports it.
+        Some(cgroup_id) => refuse(Refusal::Bind, cgroup_id),
+        None => ALLOW,
+    }
 }

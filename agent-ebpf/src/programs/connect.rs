@@ -1,19 +1,21 @@
 //! `cgroup/connect4` and `cgroup/connect6`: the interception point.
 //!
 //! Every connect in the intercepted subtree passes through here, so the common case (not IMDS) costs one comparison.
+//! A refusal writes no log record, only counts (`maps::refuse`): a pod refused in a loop could otherwise fill the
+//! log ring buffer; the agent logs a rate-limited summary per cgroup from those counts.
 
 use aya_ebpf::{
     bindings::bpf_sock_addr, helpers::bpf_get_current_pid_tgid, programs::SockAddrContext,
 };
 
-use aya_log_ebpf::{error, info};
+use aya_log_ebpf::error;
 
 use super::{
     ALLOW, REJECT,
-    maps::{NMI_CONFIG, NMI_SOCKETS, count, intercepted_caller},
+    maps::{FileError, NMI_CONFIG, count, file_socket, intercepted_caller, refuse},
     set_user_addr4, socket_cookie,
 };
-use crate::abi::{ConnRecord, Counter, Endpoint4, IMDS_ADDR, IMDS_PORT, ipv4_mapped};
+use crate::abi::{ConnRecord, Counter, Endpoint4, IMDS_ADDR, IMDS_PORT, Refusal, ipv4_mapped};
 
 const SOCK_STREAM: u32 = 1;
 const IPPROTO_TCP: u32 = 6;
@@ -35,27 +37,19 @@ pub fn connect4(ctx: &SockAddrContext) -> i32 {
     let (sock_type, protocol, user_port) =
         unsafe { ((*sa).type_, (*sa).protocol, (*sa).user_port) };
     let original = Endpoint4::from_sock_addr(user_ip4, user_port);
-    if sock_type != SOCK_STREAM || protocol != IPPROTO_TCP || original.port() != IMDS_PORT {
-        count(Counter::Refused);
-        info!(
-            ctx,
-            "refused connect to 169.254.169.254:{} (socket type {}, protocol {}) from cgroup {}",
-            original.port(),
-            sock_type,
-            protocol,
-            cgroup_id
-        );
-        return REJECT;
+    if sock_type != SOCK_STREAM || protocol != IPPROTO_TCP {
+        return refuse(Refusal::Protocol, cgroup_id);
+    }
+    if original.port() != IMDS_PORT {
+        return refuse(Refusal::Port, cgroup_id);
     }
     // No redirect target configured yet means nobody could attest this caller: refuse, never pass through.
     let Some(config) = NMI_CONFIG.get(0) else {
-        count(Counter::Refused);
-        return REJECT;
+        return refuse(Refusal::NoTarget, cgroup_id);
     };
     let target = config.target;
     if target.is_unset() {
-        count(Counter::Refused);
-        return REJECT;
+        return refuse(Refusal::NoTarget, cgroup_id);
     }
     let cookie = socket_cookie(ctx);
     let record = ConnRecord {
@@ -65,13 +59,17 @@ pub fn connect4(ctx: &SockAddrContext) -> i32 {
         tgid: (bpf_get_current_pid_tgid() >> 32) as u32,
         _pad: 0,
     };
-    if NMI_SOCKETS.insert(cookie, record, 0).is_err() {
-        count(Counter::RecordFailed);
-        error!(
-            ctx,
-            "could not record a redirected socket of cgroup {}; connect refused", cgroup_id
-        );
-        return REJECT;
+    match file_socket(cookie, &record, config.max_sockets_per_cgroup) {
+        Ok(()) => {}
+        Err(FileError::OverCap) => return refuse(Refusal::Cap, cgroup_id),
+        Err(FileError::Map) => {
+            count(Counter::RecordFailed);
+            error!(
+                ctx,
+                "could not record a redirected socket of cgroup {}; connect refused", cgroup_id
+            );
+            return REJECT;
+        }
     }
     set_user_addr4(ctx, target);
     count(Counter::Redirected);
@@ -91,10 +89,5 @@ pub fn connect6(ctx: &SockAddrContext) -> i32 {
     let Some(cgroup_id) = intercepted_caller() else {
         return ALLOW;
     };
-    count(Counter::Refused);
-    info!(
-        ctx,
-        "refused IPv6 connect to ::ffff:169.254.169.254 from cgroup {}", cgroup_id
-    );
-    REJECT
+    refuse(Refusal::V6Mapped, cgroup_id)
 }

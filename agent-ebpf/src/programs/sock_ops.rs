@@ -10,6 +10,10 @@
 //!   4-tuple withdraws the record, so the agent refuses that 4-tuple rather than attest it as either socket;
 //! - on close, a socket removes the 4-tuple's record only if the record carries its own cookie.
 //!
+//! The socket's own entry (`NMI_SOCKETS`, and with it its place under its cgroup's cap) goes through
+//! `maps::drop_socket` here or in `sock_release`, whichever comes first; only the one whose delete succeeds gives the
+//! place back.
+//!
 //! Why the agent never accepts before the record exists (docs/architecture.md, "Attestation" has the kernel path):
 //! `tcp_rcv_synsent_state_process` runs `tcp_finish_connect` -> `tcp_init_transfer` -> `bpf_skops_established`
 //! (this program, `ACTIVE_ESTABLISHED_CB`) before it sends the ACK that completes the agent's handshake.
@@ -23,7 +27,7 @@ use aya_ebpf::{
 };
 
 use super::{
-    maps::{NMI_CONNS, NMI_SOCKETS, count, socket_record},
+    maps::{NMI_CONNS, count, drop_socket, socket_record},
     socket_cookie,
 };
 use crate::abi::{ConnKey, Counter, Endpoint4};
@@ -91,7 +95,7 @@ fn on_close(ctx: &SockOpsContext) {
         return;
     }
     let cookie = socket_cookie(ctx);
-    let _ = NMI_SOCKETS.remove(cookie);
+    drop_socket(cookie);
     let key = key(ctx);
     // SAFETY: copied out at once; a concurrent update or eviction can only make the copy stale, not invalid.
     let filed_by_us = unsafe { NMI_CONNS.get(key) }.is_some_and(|r| r.cookie == cookie);

@@ -42,6 +42,7 @@ pub fn guard(args: &GuardArgs) -> anyhow::Result<()> {
         netns_cookie: 0,
         health: None,
         imds_device: args.intercept.imds_device.clone(),
+        max_sockets_per_cgroup: args.intercept.max_sockets_per_cgroup,
     };
     match datapath::guard(&opts)? {
         Guarded::Attached(links) => println!(

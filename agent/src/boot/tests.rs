@@ -9,6 +9,7 @@ fn args(cgroup: Option<&Path>) -> InterceptArgs {
         node_ip: None,
         pin_dir: PathBuf::from(crate::cli::DEFAULT_PIN_DIR),
         imds_device: None,
+        max_sockets_per_cgroup: nmi_agent_ebpf::abi::DEFAULT_SOCKETS_PER_CGROUP,
     }
 }
 

@@ -68,6 +68,11 @@ pub struct InterceptArgs {
     /// tunnels). Default: the device the route to 169.254.169.254 leaves through.
     #[arg(long, env = "NMI_AGENT_IMDS_DEVICE")]
     pub imds_device: Option<String>,
+
+    /// The most redirected IMDS sockets one cgroup may hold open at once; its next connect is refused (counted as
+    /// `cgroup_cap_refused`). 0 turns the cap off.
+    #[arg(long, env = "NMI_AGENT_MAX_SOCKETS_PER_CGROUP", default_value_t = nmi_agent_ebpf::abi::DEFAULT_SOCKETS_PER_CGROUP)]
+    pub max_sockets_per_cgroup: u32,
 }
 
 #[derive(Debug, Args)]

@@ -16,11 +16,12 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/nm
 
 /// The order in which programs are attached. The guard and the bookkeeping programs go first, the redirect last: at no
 /// point is a redirect live without the sockops program that makes it attestable.
-pub const ATTACH_ORDER: [&str; 7] = [
+pub const ATTACH_ORDER: [&str; 8] = [
     abi::PROG_EGRESS,
     abi::PROG_BIND4,
     abi::PROG_BIND6,
     abi::PROG_SOCKOPS,
+    abi::PROG_SOCK_RELEASE,
     abi::PROG_GETPEERNAME4,
     abi::PROG_CONNECT6,
     abi::PROG_CONNECT4,
@@ -54,6 +55,8 @@ pub fn configure(ebpf: &mut Ebpf, opts: &Options) -> Result<(), DatapathError> {
                 target: opts.redirect.into(),
                 netns_cookie: opts.netns_cookie,
                 health: opts.health.map(Into::into).unwrap_or_default(),
+                max_sockets_per_cgroup: opts.max_sockets_per_cgroup,
+                _pad: 0,
             },
             0,
         )
@@ -103,6 +106,11 @@ pub fn attach(
     let mode = CgroupAttachMode::Single;
     let link: FdLink = match program {
         Program::CgroupSockAddr(p) => {
+            p.load().map_err(err)?;
+            let id = p.attach(cgroup, mode).map_err(err)?;
+            p.take_link(id).map_err(err)?.try_into().map_err(link_err)?
+        }
+        Program::CgroupSock(p) => {
             p.load().map_err(err)?;
             let id = p.attach(cgroup, mode).map_err(err)?;
             p.take_link(id).map_err(err)?.try_into().map_err(link_err)?

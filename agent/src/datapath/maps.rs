@@ -1,11 +1,11 @@
 //! Reading what the kernel programs record: the redirected connections (for attestation), the event counters and the
-//! map occupancy (for metrics).
+//! map occupancy (for metrics), the refusals per cgroup (for the agent's refusal summaries).
 
 use aya::{
     Ebpf,
     maps::{HashMap, MapData, PerCpuArray},
 };
-use nmi_agent_ebpf::abi::{self, ConnKey, ConnRecord, Counter};
+use nmi_agent_ebpf::abi::{self, CgroupRefusals, ConnKey, ConnRecord, Counter};
 
 use super::{Datapath, DatapathError, load::take_map};
 use crate::telemetry::metrics::{KernelCounter, KernelStats};
@@ -25,6 +25,7 @@ impl<T: ConnLookup> ConnLookup for std::sync::Arc<T> {
 pub(super) struct Maps {
     conns: HashMap<MapData, ConnKey, ConnRecord>,
     counters: PerCpuArray<MapData, u64>,
+    refusals: HashMap<MapData, u64, CgroupRefusals>,
 }
 
 impl Maps {
@@ -32,6 +33,7 @@ impl Maps {
         Ok(Maps {
             conns: take_map(ebpf, abi::MAP_CONNS)?,
             counters: take_map(ebpf, abi::MAP_COUNTERS)?,
+            refusals: take_map(ebpf, abi::MAP_CGROUP_REFUSALS)?,
         })
     }
 }
@@ -51,6 +53,13 @@ impl Datapath {
                 (c, total)
             })
             .collect()
+    }
+
+    /// Every cgroup the kernel remembers refusing, with its refusals since then by reason (indexed by
+    /// [`abi::Refusal`]): at most [`abi::CGROUP_REFUSALS_MAX`] entries. One the kernel adds or evicts meanwhile may
+    /// or may not be listed.
+    pub fn cgroup_refusals(&self) -> Vec<(u64, CgroupRefusals)> {
+        self.maps.refusals.iter().filter_map(Result::ok).collect()
     }
 
     /// Number of connections currently recorded by sockops.

@@ -54,6 +54,8 @@ pub struct Options {
     pub health: Option<SocketAddrV4>,
     /// The device whose egress the forwarding guard watches; `None`: the one the route to IMDS leaves through.
     pub imds_device: Option<String>,
+    /// The most live redirected sockets one cgroup may hold (0: no cap); see `docs/configuration.md`.
+    pub max_sockets_per_cgroup: u32,
 }
 
 /// What [`guard`] found, and the pinned links that intercept from now on.

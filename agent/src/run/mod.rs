@@ -1,5 +1,6 @@
 //! `nmi-agent run`: wires the parts together in data-flow order. This is the edge where errors become messages.
 
+mod refusals;
 mod signals;
 pub mod startup_taint;
 
@@ -151,6 +152,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
             }
         },
         imds_device: args.intercept.imds_device.clone(),
+        max_sockets_per_cgroup: args.intercept.max_sockets_per_cgroup,
     };
     let mut datapath = tokio::task::spawn_blocking(move || Datapath::start(&opts))
         .await
@@ -180,10 +182,9 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
         }
     }
 
-    let attestor = Arc::new(Attestor::new(
-        Arc::clone(&datapath),
-        Arc::new(CgroupResolver::new(cgroup)),
-    ));
+    let cgroups = Arc::new(CgroupResolver::new(cgroup));
+    refusals::spawn(Arc::clone(&datapath), Arc::clone(&cgroups));
+    let attestor = Arc::new(Attestor::new(Arc::clone(&datapath), cgroups));
 
     let mut metrics = Metrics::new();
     metrics.register_kernel(datapath);

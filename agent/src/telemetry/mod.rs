@@ -4,6 +4,7 @@
 pub mod health;
 pub mod metrics;
 pub mod readiness;
+pub mod refusals;
 
 use clap::ValueEnum;
 use tracing_subscriber::{EnvFilter, fmt, prelude::*};

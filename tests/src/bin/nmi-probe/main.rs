@@ -7,8 +7,10 @@
 //! nmi-probe connect [--addr A] [--timeout-ms T]
 //! nmi-probe from --source S [--transparent] [--request] [--hold-ms H] [--addr A] [--timeout-ms T]
 //!                                                     one TCP connection from S (`--transparent`: S need not be local)
+//! nmi-probe hold --count N [--pending] [--addr A] [--timeout-ms T]
+//!                                                     N connects, held open until stdin is closed
 //! nmi-probe bind --addr A                            a TCP listener bound to A
-//! nmi-probe udp [--addr A] [--connect]
+//! nmi-probe udp [--addr A] [--connect] [--count N]
 //! nmi-probe v6mapped [--port P] [--timeout-ms T]     TCP over an IPv6 socket to [::ffff:169.254.169.254]:P
 //! nmi-probe raw [--addr IP:PORT] [--hdrincl]          one UDP datagram through a SOCK_RAW socket
 //! nmi-probe frame --source IP --dst-mac M [--dev D] [--src-mac M] [--addr A]
@@ -65,18 +67,22 @@ enum Mode {
     },
     /// One TCP connection from a chosen source address and port.
     From(tcp::FromArgs),
+    /// Connections opened one by one and held open until stdin is closed.
+    Hold(tcp::HoldArgs),
     /// A TCP listener bound to the address.
     Bind {
         #[command(flatten)]
         to: To,
     },
-    /// One UDP datagram.
+    /// One UDP datagram (or `--count` of them, each from its own socket).
     Udp {
         #[command(flatten)]
         to: To,
         /// connect(2) the socket first, then send (else sendto).
         #[arg(long)]
         connect: bool,
+        #[arg(long, default_value_t = 1)]
+        count: usize,
     },
     /// TCP over an IPv6 socket to [::ffff:169.254.169.254]:PORT.
     V6mapped {
@@ -130,6 +136,7 @@ fn main() {
         Mode::Soak(args) => soak::soak(&args),
         Mode::Connect { to, timeout } => emit(&tcp::connect("connect", to.addr, timeout.get())),
         Mode::From(args) => emit(&tcp::from_source(&args)),
+        Mode::Hold(args) => tcp::hold(&args),
         Mode::Bind { to } => emit(&tcp::bind(to.addr)),
         Mode::V6mapped { port, timeout } => {
             let addr = SocketAddr::new(
@@ -138,7 +145,11 @@ fn main() {
             );
             emit(&tcp::connect("v6mapped", addr, timeout.get()))
         }
-        Mode::Udp { to, connect } => emit(&datagram::udp(to.addr, connect)),
+        Mode::Udp { to, connect, count } => {
+            for _ in 0..count {
+                emit(&datagram::udp(to.addr, connect));
+            }
+        }
         Mode::Raw { to, hdrincl } => emit(&datagram::raw(to.addr, hdrincl)),
         Mode::Frame(args) => emit(&forged::frame(&args)),
         Mode::Ipip(args) => emit(&forged::ipip(&args)),

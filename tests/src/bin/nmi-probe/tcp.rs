@@ -185,6 +185,58 @@ pub fn connect(mode: &str, addr: SocketAddr, timeout: Duration) -> Attempt {
     })
 }
 
+#[derive(Args)]
+pub struct HoldArgs {
+    #[command(flatten)]
+    to: To,
+    /// Connections to open, one after the other.
+    #[arg(long)]
+    count: usize,
+    /// Do not wait for the handshake: a non-blocking connect that is in progress counts as held (a pod keeping
+    /// sockets in SYN_SENT).
+    #[arg(long)]
+    pending: bool,
+    #[command(flatten)]
+    timeout: Timeout,
+}
+
+/// Opens `count` connections (reporting each) and holds those that connected (or, with `--pending`, are still
+/// connecting) open until stdin is closed: a pod sitting on as many redirected sockets as it can get.
+pub fn hold(o: &HoldArgs) {
+    let mut held = Vec::new();
+    for _ in 0..o.count {
+        let mut socket = None;
+        let a = timed("hold", o.to.addr, |a| {
+            let s = if o.pending {
+                connect_pending(o.to.addr)?
+            } else {
+                TcpStream::connect_timeout(&o.to.addr, o.timeout.get())
+                    .map_err(|e| ("connect", e))?
+                    .into()
+            };
+            a.local = s.local_addr().ok().and_then(|l| l.as_socket());
+            socket = Some(s);
+            Ok(())
+        });
+        emit(&a);
+        held.extend(socket);
+    }
+    let _ = io::copy(&mut io::stdin(), &mut io::sink());
+    drop(held);
+}
+
+/// A non-blocking connect left in progress.
+fn connect_pending(addr: SocketAddr) -> Result<Socket, (&'static str, io::Error)> {
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
+        .map_err(|e| ("socket", e))?;
+    s.set_nonblocking(true).map_err(|e| ("socket", e))?;
+    match s.connect(&addr.into()) {
+        Ok(()) => Ok(s),
+        Err(e) if e.raw_os_error() == Some(rustix::io::Errno::INPROGRESS.raw_os_error()) => Ok(s),
+        Err(e) => Err(("connect", e)),
+    }
+}
+
 /// Binds a TCP listener to `addr` (as something standing in for the agent would).
 pub fn bind(addr: SocketAddr) -> Attempt {
     timed("bind", addr, |a| {
