@@ -546,6 +546,24 @@ fn at_boot_the_guard_fails_pods_closed_until_the_agent_adopts_its_pins_and_serve
         guarded,
         "a second guard replaced the links"
     );
+    // Nor can a hostNetwork pod stand in for the agent before it runs: the guard turned the bind guard on.
+    let hostnet = Pod {
+        label: "hostnet-boot".into(),
+        cgroup: Cgroup::create(kubepods.path.join("hostnet-boot")),
+        ..topo.hostnet.clone()
+    };
+    let port = agent::LISTEN_PORT;
+    let taken = binds_not_refused(
+        &hostnet,
+        &[
+            format!("{}:{port}", topo.bridge_ip),
+            format!("0.0.0.0:{port}"),
+        ],
+    );
+    assert!(
+        taken.is_empty(),
+        "with only the guard attached, a hostNetwork pod bound the agent's port: {taken:?}"
+    );
     thread::sleep(SETTLE);
     assert_eq!(
         topo.trap.packets(),

@@ -34,12 +34,11 @@ pub fn guard(args: &GuardArgs) -> anyhow::Result<()> {
         cgroup: cgroup.clone(),
         pin_dir: args.intercept.pin_dir.clone(),
         redirect: listen,
-        // The agent's own cgroup does not exist yet; `run` exempts it when it adopts the pins.
+        // The agent's own cgroup does not exist yet; `run` exempts it in the pinned maps before it binds its port.
         exempt: Vec::new(),
-        // The bind guard stays off until `run` configures it: it exempts only the agent's own cgroup, which the guard
-        // cannot know, so a bind guard written now would refuse the agent its own listener. Until then a hostNetwork
-        // pod could take the port, but never a token: its own IMDS connects are intercepted too (docs/boot.md).
-        netns_cookie: 0,
+        // The bind guard is on from boot: no hostNetwork pod can take the agent's port and answer pods' redirected
+        // requests before the agent runs. The guard runs in the node's network namespace, where the agent listens.
+        netns_cookie: node_netns_cookie(),
         health: None,
         imds_device: args.intercept.imds_device.clone(),
         max_sockets_per_cgroup: args.intercept.max_sockets_per_cgroup,
@@ -127,3 +126,14 @@ fn create_cgroup(dir: &Path, mount: &Path) -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests;
+
+/// The cookie of the network namespace the guard runs in (the node's), for the bind guard; 0 (no bind guard until
+/// `run` configures it) on kernels before 5.14.
+fn node_netns_cookie() -> u64 {
+    let cookie = std::net::UdpSocket::bind((std::net::Ipv4Addr::LOCALHOST, 0))
+        .and_then(|socket| datapath::netns_cookie(&socket));
+    cookie.unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "no network namespace cookie (needs Linux >= 5.14): the agent's port is not guarded until it runs");
+        0
+    })
+}
