@@ -70,11 +70,19 @@ impl NodeEmulator {
         listen: SocketAddr,
         identities: Vec<EmulatedIdentity>,
     ) -> NodeEmulator {
+        Self::start_with(
+            node,
+            EmulatorConfig {
+                listen,
+                ..EmulatorConfig::new(identities)
+            },
+        )
+    }
+
+    /// Serves `config` (its `listen` inside `node`).
+    pub fn start_with(node: &Netns, config: EmulatorConfig) -> NodeEmulator {
         let rt = NodeRuntime::new(node);
-        let config = EmulatorConfig {
-            listen,
-            ..EmulatorConfig::new(identities)
-        };
+        let listen = config.listen;
         let emulator = rt
             .block_on(Emulator::start(config))
             .unwrap_or_else(|e| panic!("IMDS emulator: bind {listen} in {}: {e}", node.name));

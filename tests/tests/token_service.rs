@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use nmi_agent_e2e::bindings::{self, FileIdentity};
 use nmi_agent_e2e::cgroup::Cgroup;
 use nmi_agent_e2e::clients::{ClientOutput, python_token, rust_token};
-use nmi_agent_e2e::imds_emulator::{EmulatedIdentity, Fault};
+use nmi_agent_e2e::imds_emulator::{Capacity, EmulatedIdentity, EmulatorConfig, Fault};
 use nmi_agent_e2e::node::{NodeApiServer, NodeEmulator};
 use nmi_agent_e2e::probe::Background;
 use nmi_agent_e2e::trap::IMDS;
@@ -626,4 +626,67 @@ fn a_pod_that_never_reads_its_answers_cannot_take_the_service_from_another() {
         opened.len()
     );
     assert_eq!(w.topo.trap.packets(), 0, "a client reached 169.254.169.254");
+}
+
+/// A pod flooding `/metadata/instance` (forwarded to IMDS as the node) against an IMDS that throttles as the real one
+/// does (a few calls at once per VM, 429 beyond): the agent spends no more of IMDS than its budget, the flooding pod
+/// waits for its own requests, and another pod's unchanged SDK gets its token within 1 s.
+#[test]
+fn a_pod_flooding_instance_metadata_cannot_spend_imds_for_another() {
+    if !require_root("token_service::instance_flood") {
+        return;
+    }
+    let topo = Topology::new();
+    let emu = NodeEmulator::start_with(
+        &topo.node,
+        EmulatorConfig {
+            listen: SocketAddr::from((topo.bridge_ip, EMULATOR_PORT)),
+            capacity: Some(Capacity {
+                in_flight: 5,
+                service_time: Duration::from_millis(200),
+            }),
+            ..EmulatorConfig::new(emulated(&[ORDERS, BILLING, HOSTNET]))
+        },
+    );
+    let bindings = write_bindings(&topo.log_dir);
+    let agent = Agent::start(&topo, &["--bindings", &bindings, "--imds-url", &emu.url()]);
+    let w = World { agent, emu, topo };
+
+    let mut flood =
+        w.topo
+            .pod_b
+            .probe_command(&["soak", "--instance", "--threads", "16", "--requests", "100"]);
+    let flooding = flood
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn the flood");
+    poll(Duration::from_secs(10), Duration::from_millis(50), || {
+        Some(()).filter(|()| w.emu.calls().instance >= 5)
+    })
+    .unwrap_or_else(|| panic!("the flood never reached IMDS; {}", w.agent.describe()));
+
+    let out = python_token(&w.topo.pod_a, None);
+    assert_token_for(&out, "pod-a", ORDERS);
+    let took = out.elapsed_ms.unwrap_or(f64::MAX);
+    assert!(
+        took < 1000.0,
+        "pod-a's SDK waited {took} ms behind the flood"
+    );
+
+    let done = flooding.wait_with_output().expect("wait for the flood");
+    let summary: Value = serde_json::from_slice(&done.stdout)
+        .unwrap_or_else(|e| panic!("flood summary ({e}): {done:?}"));
+    println!("instance flood: {summary}; emulator {:?}", w.emu.calls());
+    assert_eq!(
+        summary["failed"].as_u64(),
+        Some(0),
+        "the flooding pod is slowed down, not refused: {summary}"
+    );
+    assert_eq!(
+        w.emu.calls().throttled,
+        0,
+        "the agent sent IMDS more than it takes at once: {:?}",
+        w.emu.calls()
+    );
 }

@@ -27,11 +27,14 @@ mod token;
 use std::{
     collections::VecDeque,
     net::SocketAddr,
-    sync::{Arc, Mutex, MutexGuard, atomic::AtomicU64},
+    sync::{
+        Arc, Mutex, MutexGuard,
+        atomic::{AtomicU64, AtomicUsize},
+    },
 };
 
 pub use jwt::{base64url, base64url_decode, jwt_claims};
-pub use model::{Calls, EmulatedIdentity, EmulatorConfig, Fault};
+pub use model::{Calls, Capacity, EmulatedIdentity, EmulatorConfig, Fault};
 
 use crate::http;
 
@@ -41,6 +44,8 @@ struct State {
     calls: Mutex<Calls>,
     faults: Mutex<VecDeque<Fault>>,
     serial: AtomicU64,
+    /// Metadata calls being served now (for [`Capacity`]).
+    in_flight: AtomicUsize,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -65,6 +70,7 @@ impl Emulator {
             calls: Mutex::new(Calls::default()),
             faults: Mutex::new(VecDeque::new()),
             serial: AtomicU64::new(0),
+            in_flight: AtomicUsize::new(0),
         });
         let serving = Arc::clone(&state);
         let task = http::serve("imds-emulator", listener, move |req| {

@@ -50,6 +50,17 @@ pub struct EmulatorConfig {
     pub system_identity: Option<EmulatedIdentity>,
     /// `expires_in` of issued tokens.
     pub token_lifetime: Duration,
+    /// IMDS's per-VM throttling, when set: every metadata call takes a while, and calls beyond the capacity get 429.
+    pub capacity: Option<Capacity>,
+}
+
+/// How much the emulated IMDS takes at once (the real one throttles each VM).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capacity {
+    /// Metadata calls (token, instance, versions) served at once; more are answered 429 and counted as throttled.
+    pub in_flight: usize,
+    /// How long each one takes.
+    pub service_time: Duration,
 }
 
 impl EmulatorConfig {
@@ -60,6 +71,7 @@ impl EmulatorConfig {
             identities,
             system_identity: None,
             token_lifetime: Duration::from_secs(86_400),
+            capacity: None,
         }
     }
 }
@@ -120,4 +132,7 @@ pub struct Calls {
     pub other: u64,
     /// The first 100 of those paths, for leak diagnosis.
     pub other_paths: Vec<String>,
+    /// Metadata calls answered 429 because the [`Capacity`] was taken.
+    #[serde(default)]
+    pub throttled: u64,
 }

@@ -2,6 +2,7 @@
 //! answer shapes they all share.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
 
 use http_body_util::{BodyExt, Limited};
 use hyper::{Request, Response, StatusCode, body::Incoming};
@@ -63,6 +64,24 @@ pub(super) async fn handle(state: &State, req: Request<Incoming>) -> Result<Answ
         };
         return Ok(admin::call(state, &parts.method, what, &bytes));
     }
+    // IMDS's per-VM throttling, when configured: a slot for the whole call, or 429.
+    let _slot = match state.config.capacity {
+        Some(capacity) => match Slot::take(state, capacity.in_flight) {
+            Some(slot) => {
+                tokio::time::sleep(capacity.service_time).await;
+                Some(slot)
+            }
+            None => {
+                lock(&state.calls).throttled += 1;
+                return Ok(imds_error(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "too_many_requests",
+                    "Too many requests",
+                ));
+            }
+        },
+        None => None,
+    };
     let query = parse_query(parts.uri.query().unwrap_or(""));
     let metadata = parts
         .headers
@@ -101,6 +120,26 @@ pub(super) async fn handle(state: &State, req: Request<Incoming>) -> Result<Answ
                 &json!({"error": "Not found"}),
             ))
         }
+    }
+}
+
+/// One of the [`super::Capacity`]'s places, given back when dropped.
+struct Slot<'a>(&'a State);
+
+impl<'a> Slot<'a> {
+    fn take(state: &'a State, max: usize) -> Option<Slot<'a>> {
+        let taken = state
+            .in_flight
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            });
+        taken.is_ok().then_some(Slot(state))
+    }
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

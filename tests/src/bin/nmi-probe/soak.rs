@@ -32,6 +32,9 @@ pub struct SoakArgs {
     /// pod would flood IMDS through the agent.
     #[arg(long = "distinct-resources")]
     distinct_resources: bool,
+    /// Ask for `/metadata/instance` instead of tokens (forwarded to IMDS as the node); every answer must be 200.
+    #[arg(long, conflicts_with_all = ["expect_client_id", "distinct_resources"])]
+    instance: bool,
 }
 
 /// What the soak saw.
@@ -62,8 +65,14 @@ pub fn soak(o: &SoakArgs) {
         o.url.trim_end_matches('/')
     );
     let next = AtomicUsize::new(0);
+    let instance = format!(
+        "{}/metadata/instance?api-version=2021-02-01",
+        o.url.trim_end_matches('/')
+    );
     let url_for = |n: usize| {
-        if o.distinct_resources {
+        if o.instance {
+            instance.clone()
+        } else if o.distinct_resources {
             format!("{base}https://r{n}.flood.example/")
         } else {
             format!("{base}{}", o.resource)
@@ -85,7 +94,11 @@ pub fn soak(o: &SoakArgs) {
                 for _ in 0..count {
                     let asked = Instant::now();
                     let url = url_for(next.fetch_add(1, Ordering::Relaxed));
-                    let (status, verdict) = ask(&agent, &url, o.expect_client_id.as_deref());
+                    let (status, verdict) = if o.instance {
+                        ask_instance(&agent, &url)
+                    } else {
+                        ask(&agent, &url, o.expect_client_id.as_deref())
+                    };
                     let took = asked.elapsed().as_secs_f64() * 1000.0;
                     let mut sum = summary.lock().unwrap_or_else(|e| e.into_inner());
                     sum.requests += 1;
@@ -136,4 +149,15 @@ fn ask(agent: &ureq::Agent, url: &str, expect: Option<&str>) -> (String, Verdict
         )),
     };
     (status.to_string(), verdict)
+}
+
+fn ask_instance(agent: &ureq::Agent, url: &str) -> (String, Verdict) {
+    match agent.get(url).header("Metadata", "true").call() {
+        Ok(r) if r.status() == 200 => ("200".into(), Verdict::Expected),
+        Ok(r) => (
+            r.status().as_u16().to_string(),
+            Verdict::Failed(format!("{}", r.status())),
+        ),
+        Err(e) => ("error".into(), Verdict::Failed(e.to_string())),
+    }
 }
