@@ -46,6 +46,8 @@ CASES = [
      False),
     ("someone else changing labels (not this policy's business)", request(user="system:node:n1"), TAINTED,
      node("n1", [GPU, STARTUP], {"agentpool": "np2"}), True),
+    ("the agent installed in another namespace, changing a label", request(user="system:serviceaccount:ops:nmi-agent"),
+     TAINTED, node("n1", [GPU, STARTUP], {"agentpool": "np2"}), False),
 ]
 
 

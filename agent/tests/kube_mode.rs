@@ -520,7 +520,7 @@ async fn static_pods_resolve_through_their_mirror_pod() {
     let hash = "6a3e4c2f0b9d8e7f6a5b4c3d2e1f0a9b";
     let mut mirror = pod(
         "kube-system",
-        "static-web",
+        &format!("static-web-{NODE}"),
         &uid(11),
         NODE,
         json!({"aadpodidbinding": "web"}),
@@ -598,6 +598,57 @@ async fn a_pod_cannot_claim_another_pods_cgroup_with_a_mirror_annotation() {
             panic!("a pod that is not a mirror pod must not stand for a static pod: {other:?}")
         }
     }
+
+    // A forged owner reference and name: one claimant alone would pass for the mirror pod (the API server checks
+    // neither), so while the real mirror pod exists as well, the two claims cancel out and nobody is served as it.
+    let owner = |node: &str| json!([{"apiVersion": "v1", "kind": "Node", "name": node, "uid": "5e1f0a9b-0000-4000-8000-000000000002", "controller": true}]);
+    let mut other_node = pod(
+        "ops",
+        "forged-elsewhere",
+        &uid(34),
+        NODE,
+        json!({"aadpodidbinding": "payments"}),
+    );
+    other_node["metadata"]["annotations"] = json!({"kubernetes.io/config.mirror": orphan_hash});
+    other_node["metadata"]["ownerReferences"] = owner("node-b");
+    server.create(other_node.clone());
+    let rejected = src.resolve_cgroup(Some(&static_path)).await;
+    assert!(
+        matches!(rejected, Binding::Unbound { .. }),
+        "a mirror pod of another node stood for this node's static pod: {rejected:?}"
+    );
+    server.delete(&other_node);
+    let mut real = pod(
+        "shop",
+        &format!("static-db-{NODE}"),
+        &uid(35),
+        NODE,
+        json!({"aadpodidbinding": "orders"}),
+    );
+    real["metadata"]["annotations"] = json!({"kubernetes.io/config.mirror": orphan_hash});
+    real["metadata"]["ownerReferences"] = owner(NODE);
+    server.create(real.clone());
+    eventually("the real mirror pod serves its static pod", || async {
+        bound_ids(&src.resolve_cgroup(Some(&static_path)).await) == Some(vec![ORDERS_ID.to_owned()])
+    })
+    .await;
+    let mut forged = pod(
+        "ops",
+        &format!("forged-{NODE}"),
+        &uid(36),
+        NODE,
+        json!({"aadpodidbinding": "payments"}),
+    );
+    forged["metadata"]["annotations"] = json!({"kubernetes.io/config.mirror": orphan_hash});
+    forged["metadata"]["ownerReferences"] = owner(NODE);
+    server.create(forged);
+    eventually("two claimants cancel out", || async {
+        matches!(
+            src.resolve_cgroup(Some(&static_path)).await,
+            Binding::Unbound { .. }
+        )
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

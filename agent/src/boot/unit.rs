@@ -123,8 +123,10 @@ pub fn render(command: &GuardCommand, dependency: KubeletDependency) -> Result<S
         "{MARKER}
 [Unit]
 Description=nmi-agent boot guard: pods' IMDS connects fail closed until the agent serves
-# The pins go on bpffs (the guard mounts it when systemd has not).
-After=sys-fs-bpf.mount
+# The pins go on bpffs (the guard mounts it when systemd has not). The forwarding guard sits on the device the route
+# to 169.254.169.254 leaves through: wait for the network (the kubelet does too), so that route exists.
+Wants=network-online.target
+After=sys-fs-bpf.mount network-online.target
 # Before anything can start a pod.
 Before={KUBELET} containerd.service
 

@@ -6,8 +6,8 @@
 //! its further requests wait for its own earlier ones, never for other callers' places. A caller asking for many
 //! distinct resources, or flooding `/metadata/instance`, thus slows down only itself.
 //!
-//! Waiting counts against the same bound as the fetch itself ([`RetryPolicy::total`]): a caller whose own queue is
-//! longer than that gets a retryable 429.
+//! A caller waits for its own place at most [`RetryPolicy::total`]; a caller whose own queue is longer than that gets
+//! a retryable 429. The call itself then has its own bound of the same length.
 //!
 //! [`Config::max_concurrent_fetches`]: super::Config::max_concurrent_fetches
 //! [`Config::max_upstream_per_caller`]: super::Config::max_upstream_per_caller
@@ -71,15 +71,19 @@ impl UpstreamBudget {
                     .or_insert_with(|| Arc::new(Semaphore::new(self.per_caller))),
             )
         };
+        // Forgets the caller's entry if this wait ends without a place: timed out, or the request was dropped while
+        // waiting (its client went away); declared first, so it runs after the wait has let go of the semaphore.
+        let mut waiting = Waiting {
+            budget: self,
+            caller,
+            done: false,
+        };
         let acquired = tokio::time::timeout(wait, own.acquire_owned()).await;
         // The semaphore is never closed, so only the timeout fails here.
-        let permit = match acquired {
-            Ok(Ok(permit)) => permit,
-            _ => {
-                self.forget_if_idle(caller);
-                return Err(CallerBusy(self.per_caller));
-            }
+        let Ok(Ok(permit)) = acquired else {
+            return Err(CallerBusy(self.per_caller));
         };
+        waiting.done = true;
         Ok(CallerShare {
             budget: Arc::clone(self),
             caller,
@@ -105,6 +109,21 @@ impl UpstreamBudget {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .len()
+    }
+}
+
+/// A caller waiting for its place; see [`UpstreamBudget::caller_share`].
+struct Waiting<'a> {
+    budget: &'a UpstreamBudget,
+    caller: u64,
+    done: bool,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            self.budget.forget_if_idle(self.caller);
+        }
     }
 }
 

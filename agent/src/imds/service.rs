@@ -161,7 +161,8 @@ impl<R: Resolve + Send + Sync + 'static> Service<R> {
             if matches!(route, Route::Token) {
                 Audit::new(caller, started, &self.metrics).emit("denied", "x_forwarded_for");
             } else {
-                tracing::info!(target: "imds", pid = caller.pid, cgroup = %cgroup_of(caller), path = parts.uri.path(), "request with X-Forwarded-For refused");
+                // Debug: a pod can send these as fast as it likes; the token path's refusals are audited.
+                tracing::debug!(target: "imds", pid = caller.pid, cgroup = %cgroup_of(caller), path = parts.uri.path(), "request with X-Forwarded-For refused");
             }
             return response::forwarded_request();
         }

@@ -79,9 +79,12 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
     // A restarted agent runs in a new cgroup, and the pinned programs' bind guard lets only exempt cgroups take the
     // agent's port: exempt ours first.
     let pin_dir = args.intercept.pin_dir.clone();
-    tokio::task::spawn_blocking(move || datapath::exempt_in_pinned(&pin_dir, own_id))
-        .await
-        .context("exempting our cgroup panicked")??;
+    let agents = CgroupResolver::new(cgroup.clone());
+    tokio::task::spawn_blocking(move || {
+        datapath::exempt_in_pinned(&pin_dir, own_id, |id| agents.path_of(id).is_some())
+    })
+    .await
+    .context("exempting our cgroup panicked")??;
     let listener = server::bind(listen)?;
     let readiness = Arc::new(Readiness::default());
 

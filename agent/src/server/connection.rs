@@ -114,11 +114,17 @@ pub(super) async fn serve<L: ConnLookup, H: Handler>(
     io.set_read_timeout(Some(limits.idle_timeout));
     let connection = http1::Builder::new()
         .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
+        // A caller over its share gets its 429 as soon as it asks, and no time to hold the connection otherwise.
+        .header_read_timeout(if limited {
+            OVER_SHARE_HEADER_TIMEOUT
+        } else {
+            limits.header_read_timeout
+        })
         .max_buf_size(limits.max_header_bytes.max(8192))
         .serve_connection(TokioIo::new(Box::pin(io)), service);
-    // Backstop for a client that keeps a connection busy past its lifetime (the close above ends the normal case).
-    let hard_stop = limits.connection_lifetime + limits.write_timeout + limits.header_read_timeout;
+    // Backstop for a client that keeps a connection busy past its lifetime (the close above ends the normal case):
+    // late enough that a request begun just before the lifetime ends still completes.
+    let hard_stop = limits.connection_lifetime + LONGEST_REQUEST;
     match tokio::time::timeout(hard_stop, pin!(drain.watch(connection))).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => {
@@ -147,6 +153,14 @@ pub(super) async fn serve<L: ConnLookup, H: Handler>(
     }
     drop(slot);
 }
+
+/// Longer than any one request can take: the caller's wait for its IMDS share and the fetch (each at most
+/// `RetryPolicy::total`, 10 s), a pod's wait for the API server (1 s) and a service principal's Entra ID call (12 s).
+/// `Limits::idle_timeout` must not be shorter, since a read may be pending while a request is served.
+const LONGEST_REQUEST: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// How long a connection over its caller's share has to send the request its 429 answers.
+const OVER_SHARE_HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Whether hyper's error comes from an I/O timeout of [`TimeoutStream`] (a read or write that did not progress).
 fn io_timed_out(e: &hyper::Error) -> bool {

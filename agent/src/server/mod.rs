@@ -82,7 +82,7 @@ impl Default for Limits {
             max_header_bytes: 16 * 1024,
             max_connections: 4096,
             max_connections_per_caller: 64,
-            idle_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(60),
             write_timeout: Duration::from_secs(10),
             connection_lifetime: Duration::from_secs(300),
             max_body_bytes: 4096,

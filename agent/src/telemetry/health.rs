@@ -5,7 +5,7 @@
 //! shared host network holds it) or cannot be bound, the failure is logged and counted, and binding is retried with
 //! backoff for as long as it takes, while tokens are served.
 
-use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
+use std::{collections::VecDeque, convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
 
 use backon::{ExponentialBuilder, Retryable};
 use bytes::Bytes;
@@ -14,7 +14,7 @@ use hyper::{
     Request, Response, StatusCode, body::Incoming, server::conn::http1, service::service_fn,
 };
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpListener;
+use tokio::{net::TcpListener, task::JoinHandle};
 
 use super::{metrics::Metrics, readiness::Readiness};
 
@@ -37,15 +37,16 @@ pub async fn start(addr: SocketAddr, readiness: Arc<Readiness>, metrics: Arc<Met
     });
 }
 
-/// Connections the health address serves at once: probes and a scraper need a handful. Beyond it a connection is
-/// closed at once, so a flood from the host network cannot grow the agent's memory.
+/// Connections the health address serves at once: probes and a scraper need a handful. A new connection beyond it
+/// closes the oldest one, so a flood from the host network can neither grow the agent's memory nor keep the kubelet's
+/// probe out: a probe asks at once and is answered in microseconds, while the flood's idle connections are the oldest.
 const MAX_CONNECTIONS: usize = 64;
-/// A probe's whole exchange takes milliseconds; these bound a client that stalls it.
-const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// A probe sends its request at once and its whole exchange takes milliseconds; these bound a client that stalls.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(1);
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
 
 async fn serve(listener: TcpListener, readiness: Arc<Readiness>, metrics: Arc<Metrics>) {
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let mut open: VecDeque<JoinHandle<()>> = VecDeque::with_capacity(MAX_CONNECTIONS);
     loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
@@ -56,24 +57,26 @@ async fn serve(listener: TcpListener, readiness: Arc<Readiness>, metrics: Arc<Me
                 continue;
             }
         };
-        let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
+        open.retain(|conn| !conn.is_finished());
+        if open.len() >= MAX_CONNECTIONS {
+            if let Some(oldest) = open.pop_front() {
+                oldest.abort();
+            }
             metrics
                 .caller_limited
                 .get_or_create(&super::metrics::ReasonLabels {
                     reason: "health_connections",
                 })
                 .inc();
-            drop(stream);
-            continue;
-        };
+        }
         let (readiness, metrics) = (Arc::clone(&readiness), Arc::clone(&metrics));
-        tokio::spawn(async move {
+        open.push_back(tokio::spawn(async move {
             let service = service_fn(move |req: Request<Incoming>| {
                 let answer = route(req.uri().path(), &readiness, metrics.as_ref());
                 async move { Ok::<_, Infallible>(answer) }
             });
-            // A probe sends its request at once; a client that does not, or does not read the answer (`/metrics` is
-            // large), must not hold a connection open.
+            // A client that does not send its request at once, or does not read the answer (`/metrics` is large),
+            // must not hold a connection open.
             let mut io = tokio_io_timeout::TimeoutStream::new(stream);
             io.set_read_timeout(Some(IO_TIMEOUT));
             io.set_write_timeout(Some(IO_TIMEOUT));
@@ -82,8 +85,7 @@ async fn serve(listener: TcpListener, readiness: Arc<Readiness>, metrics: Arc<Me
                 .header_read_timeout(HEADER_TIMEOUT)
                 .serve_connection(TokioIo::new(Box::pin(io)), service)
                 .await;
-            drop(permit);
-        });
+        }));
     }
 }
 

@@ -89,7 +89,8 @@ fn the_unit_runs_the_guard_with_the_resolved_values_before_the_kubelet_and_the_r
         "Type=oneshot",
         "RemainAfterExit=yes",
         "Before=kubelet.service containerd.service",
-        "After=sys-fs-bpf.mount",
+        "After=sys-fs-bpf.mount network-online.target",
+        "Wants=network-online.target",
         "RequiredBy=kubelet.service",
     ] {
         assert!(
@@ -290,7 +291,12 @@ fn the_installed_unit_passes_systemd_analyze_verify_and_systemctl_sees_it_enable
     let units = root.path().join(UNIT_DIR);
     // Stubs for what the unit names and the default dependencies every service gets, so verify resolves them in a
     // root that holds nothing else.
-    for target in ["sysinit.target", "basic.target", "shutdown.target"] {
+    for target in [
+        "sysinit.target",
+        "basic.target",
+        "shutdown.target",
+        "network-online.target",
+    ] {
         fs::write(units.join(target), "[Unit]\nDescription=stub\n").expect("write stub");
     }
     for service in ["kubelet.service", "containerd.service"] {

@@ -78,11 +78,6 @@ pub fn check(pod: &Pod, source: IpAddr, node_ips: &[IpAddr]) -> Verdict {
     }
 }
 
-/// Whether the API server has reported an address for `pod` (what a request waits for).
-pub fn has_address(pod: &Pod) -> bool {
-    !allowed_addresses(pod, &[]).is_empty()
-}
-
 fn parse(s: &str) -> Option<IpAddr> {
     s.parse::<IpAddr>().ok().map(|ip| ip.to_canonical())
 }
@@ -194,13 +189,5 @@ mod tests {
         for (what, pod, source, want) in cases {
             assert_eq!(&check(pod, ip(source), &node), want, "{what}");
         }
-    }
-
-    #[test]
-    fn a_pod_has_an_address_once_the_kubelet_reported_one() {
-        assert!(!has_address(&Pod::default()));
-        assert!(has_address(&pod(false, &["10.244.1.7"], None)));
-        // A hostNetwork pod's node address alone counts once the API server reports it.
-        assert!(has_address(&pod(true, &[], Some("10.224.0.4"))));
     }
 }

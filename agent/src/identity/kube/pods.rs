@@ -13,14 +13,17 @@ const MIRROR_ANNOTATION: &str = "kubernetes.io/config.mirror";
 /// The pod store and the signal that it changed.
 pub struct Pods {
     pub store: Store<Pod>,
+    /// This node's name: a mirror pod is owned by this Node and named `<static pod>-<node>`.
+    node: String,
     /// Bumped after every pod event has reached the store; requests waiting for a pod watch it.
     pub events: watch::Sender<u64>,
 }
 
 impl Pods {
-    pub fn new(store: Store<Pod>) -> Self {
+    pub fn new(store: Store<Pod>, node: impl Into<String>) -> Self {
         Pods {
             store,
+            node: node.into(),
             events: watch::channel(0).0,
         }
     }
@@ -31,26 +34,37 @@ impl Pods {
     }
 
     /// The pod whose UID is `uid`; failing that, the mirror pod of the static pod that runs under `uid` (its config
-    /// hash). The exact UID always wins, and a mirror annotation counts only on a pod the kubelet created for a static
-    /// pod (owned by its Node): anyone who can create a pod can write the annotation, and must not thereby claim
-    /// another pod's cgroup.
+    /// hash). The exact UID always wins. A mirror annotation counts only on what looks like a kubelet-made mirror pod
+    /// of this node (owned by this Node as controller, named `<name>-<node>`), and only if exactly one such pod claims the
+    /// hash: anyone who can create a pod can write the annotation and an owner reference, and must not thereby claim
+    /// another pod's cgroup; two such claimants are refused rather than guessed between.
     fn lookup(&self, uid: &str) -> Option<Arc<Pod>> {
         // Linear scans: a node runs at most a few hundred pods, and the read lock is held for microseconds.
-        self.store
-            .find(|p| {
-                p.metadata
-                    .uid
-                    .as_deref()
-                    .is_some_and(|u| u.eq_ignore_ascii_case(uid))
-            })
-            .or_else(|| {
-                self.store.find(|p| {
-                    is_mirror_pod(p)
-                        && p.annotations()
-                            .get(MIRROR_ANNOTATION)
-                            .is_some_and(|m| m.eq_ignore_ascii_case(uid))
-                })
-            })
+        if let Some(pod) = self.store.find(|p| {
+            p.metadata
+                .uid
+                .as_deref()
+                .is_some_and(|u| u.eq_ignore_ascii_case(uid))
+        }) {
+            return Some(pod);
+        }
+        let mut claimants = self.store.state_filter(|p| {
+            is_mirror_pod_of(p, &self.node)
+                && p.annotations()
+                    .get(MIRROR_ANNOTATION)
+                    .is_some_and(|m| m.eq_ignore_ascii_case(uid))
+        });
+        match (claimants.pop(), claimants.is_empty()) {
+            (Some(pod), true) => Some(pod),
+            (Some(_), false) => {
+                tracing::warn!(
+                    static_pod = uid,
+                    "several pods claim to be this static pod's mirror; none is trusted"
+                );
+                None
+            }
+            _ => None,
+        }
     }
 
     /// The pod with this UID once `complete` holds for it (e.g. the kubelet reported its address), waiting up to
@@ -78,9 +92,11 @@ impl Pods {
     }
 }
 
-/// A mirror pod: the API server's copy of a static pod, which the kubelet creates owned by its Node.
-fn is_mirror_pod(pod: &Pod) -> bool {
-    pod.owner_references()
-        .iter()
-        .any(|o| o.kind == "Node" && o.api_version == "v1" && o.controller == Some(true))
+/// A mirror pod of `node`: the API server's copy of a static pod, which the kubelet creates owned by its Node (as
+/// controller) and names `<static pod name>-<node name>`.
+fn is_mirror_pod_of(pod: &Pod, node: &str) -> bool {
+    let owned = pod.owner_references().iter().any(|o| {
+        o.kind == "Node" && o.api_version == "v1" && o.name == node && o.controller == Some(true)
+    });
+    owned && pod.name_any().ends_with(&format!("-{node}"))
 }

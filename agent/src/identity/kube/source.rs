@@ -145,8 +145,8 @@ impl KubeSource {
                 bindings,
                 exceptions,
             },
+            pods: Pods::new(pods, config.node_name.clone()),
             config,
-            pods: Pods::new(pods),
             ready: watch::channel(false).0,
             bound: watch::channel(Arc::new(BTreeSet::new())).0,
         });
@@ -263,8 +263,10 @@ impl KubeSource {
         let config = &self.inner.config;
         let wait = config.pod_wait;
         // With the check on, also wait (as long) for the kubelet to report the pod's address.
-        let complete =
-            |pod: &Pod| config.source_check == SourceCheck::Off || address::has_address(pod);
+        let complete = |pod: &Pod| {
+            config.source_check == SourceCheck::Off
+                || address::check(pod, source, &config.node_ips) != Verdict::NoAddressYet
+        };
         let Some(pod) = self
             .inner
             .pods
