@@ -127,3 +127,20 @@ fn uninstall_of_nothing_says_so_and_succeeds() {
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(String::from_utf8_lossy(&out.stdout).contains("nothing pinned"));
 }
+
+#[test]
+fn per_caller_limits_outside_their_range_are_refused_with_the_range() {
+    for (flag, value, range) in [
+        ("--max-connections-per-caller", "0", "1.."),
+        ("--max-upstream-per-caller", "6", "1..=5"),
+        ("--max-upstream-per-caller", "0", "1..=5"),
+    ] {
+        let out = nmi_agent(&["run", "--bindings", "/nonexistent", flag, value]);
+        assert!(!out.status.success(), "{flag} {value} was accepted");
+        let err = stderr(&out);
+        assert!(
+            err.contains(flag) && err.contains(range),
+            "{flag} {value}: the message does not say the allowed range: {err}"
+        );
+    }
+}

@@ -128,6 +128,16 @@ pub struct RunArgs {
     #[arg(long, env = "NMI_AGENT_FORWARD_INSTANCE_METADATA", default_value_t = true, action = clap::ArgAction::Set)]
     pub forward_instance_metadata: bool,
 
+    /// Connections one caller (one cgroup: a container, or a hostNetwork pod) may hold to the token service at once;
+    /// beyond it, 429 and the connection is closed. Also its limit of requests in flight (HTTP/1.1).
+    #[arg(long, env = "NMI_AGENT_MAX_CONNECTIONS_PER_CALLER", default_value_t = 64, value_parser = clap::value_parser!(u16).range(1..))]
+    pub max_connections_per_caller: u16,
+
+    /// Requests one caller may have in flight to the real IMDS (token fetches and forwarded metadata) out of the node's
+    /// budget of 5; its further requests wait for its own.
+    #[arg(long, env = "NMI_AGENT_MAX_UPSTREAM_PER_CALLER", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=5))]
+    pub max_upstream_per_caller: u16,
+
     /// `/healthz`, `/readyz` and `/metrics`.
     #[arg(
         long,

@@ -92,6 +92,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
     // attached.
     let config = imds::Config {
         imds_url: args.imds_url.clone(),
+        max_upstream_per_caller: usize::from(args.max_upstream_per_caller),
         forward_instance_metadata: args.forward_instance_metadata,
         authority_host: args.authority_host.clone(),
         ..imds::Config::default()
@@ -230,7 +231,10 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
         attestor,
         service,
         metrics,
-        server::Limits::default(),
+        server::Limits {
+            max_connections_per_caller: usize::from(args.max_connections_per_caller),
+            ..server::Limits::default()
+        },
         stop,
     )
     .await;
