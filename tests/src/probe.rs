@@ -106,6 +106,10 @@ pub const RETRY_LOOP: [&str; 8] = [
     "3000",
 ];
 
+/// `nmi-probe` arguments of the pod that tries to take the token service from the others: 300 connections, each with
+/// 200 pipelined requests whose answers it never reads (add `--hold-ms`). Run it with [`Background`].
+pub const WEDGE: [&str; 5] = ["wedge", "--connections", "300", "--pipelined", "200"];
+
 /// A probe running in the background (e.g. a connect loop across an agent restart).
 pub struct Background {
     /// None once finished, so that Drop only kills a probe the test abandoned.

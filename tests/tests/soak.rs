@@ -20,7 +20,7 @@ use nmi_agent_e2e::bindings::{self, FileIdentity};
 use nmi_agent_e2e::clients::python_token;
 use nmi_agent_e2e::imds_emulator::EmulatedIdentity;
 use nmi_agent_e2e::node::NodeEmulator;
-use nmi_agent_e2e::probe::Background;
+use nmi_agent_e2e::probe::{self, Background};
 use nmi_agent_e2e::{Agent, Pod, Topology, require_root};
 use serde_json::Value;
 
@@ -127,15 +127,9 @@ fn twenty_pods_under_load_and_attack_each_get_exactly_their_own_identity() {
     let rss_start = rss_kib(pid);
 
     // The attackers, for the whole run.
-    let wedging = Background::spawn(&mut wedge.probe_command(&[
-        "wedge",
-        "--connections",
-        "300",
-        "--pipelined",
-        "200",
-        "--hold-ms",
-        "600000",
-    ]));
+    let wedging = Background::spawn(
+        &mut wedge.probe_command(&[&probe::WEDGE[..], &["--hold-ms", "600000"]].concat()),
+    );
     let flood_requests = (total / 10).max(100);
     let flooding = soak_in(
         &flood,

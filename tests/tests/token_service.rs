@@ -18,7 +18,7 @@ use nmi_agent_e2e::cgroup::Cgroup;
 use nmi_agent_e2e::clients::{ClientOutput, python_token, rust_token};
 use nmi_agent_e2e::imds_emulator::{Capacity, EmulatedIdentity, EmulatorConfig, Fault};
 use nmi_agent_e2e::node::{NodeApiServer, NodeEmulator};
-use nmi_agent_e2e::probe::Background;
+use nmi_agent_e2e::probe::{self, Background};
 use nmi_agent_e2e::trap::IMDS;
 use nmi_agent_e2e::wait::poll;
 use nmi_agent_e2e::{Agent, Attempt, Pod, Topology, require_root};
@@ -584,15 +584,12 @@ fn a_pod_that_never_reads_its_answers_cannot_take_the_service_from_another() {
     let Some(w) = world("token_service::wedge") else {
         return;
     };
-    let attack = Background::spawn(&mut w.topo.pod_b.probe_command(&[
-        "wedge",
-        "--connections",
-        "300",
-        "--pipelined",
-        "200",
-        "--hold-ms",
-        "20000",
-    ]));
+    let attack = Background::spawn(
+        &mut w
+            .topo
+            .pod_b
+            .probe_command(&[&probe::WEDGE[..], &["--hold-ms", "20000"]].concat()),
+    );
     let limited = r#"nmi_caller_limited_total{reason="connections"}"#;
     poll(Duration::from_secs(20), Duration::from_millis(100), || {
         w.agent.metric(limited).filter(|n| *n > 0.0)
