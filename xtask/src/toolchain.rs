@@ -126,7 +126,7 @@ fn ensure_cargo_component(
 
 /// Tools live outside the target dir so that `cargo clean` does not cost a bpf-linker rebuild.
 /// `NMI_AGENT_TOOLS_DIR` overrides it, e.g. to rehearse a fresh machine.
-fn tools_dir() -> Result<PathBuf> {
+pub fn tools_dir() -> Result<PathBuf> {
     if let Some(dir) = env::var_os("NMI_AGENT_TOOLS_DIR") {
         return Ok(PathBuf::from(dir));
     }
