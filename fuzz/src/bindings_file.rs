@@ -44,7 +44,8 @@ pub fn check(data: &[u8]) {
         }
         Err(error) => {
             assert!(!error.to_string().is_empty(), "an error without a message");
-            let lines = text.split('\n').count();
+            // YAML ends a line at `\n`, `\r\n` or a lone `\r`.
+            let lines = text.replace("\r\n", "\n").split(['\n', '\r']).count();
             if let Some(line) = error.line() {
                 assert!(
                     line >= 1 && line as usize <= lines + 1,
