@@ -223,20 +223,8 @@ fn ensure_cargo_fuzz() -> Result<PathBuf> {
         root.display()
     ));
     fs::create_dir_all(&root).with_context(|| format!("cannot create {}", root.display()))?;
-    let mut install = cmd::cargo();
-    install
-        .args(["install", "cargo-fuzz", "--locked", "--root"])
-        .arg(&root)
-        // Outside the workspace, so the project's .cargo/config.toml and flags do not leak into the install.
-        .current_dir(&root);
-    for var in [
-        "RUSTFLAGS",
-        "CARGO_ENCODED_RUSTFLAGS",
-        "CARGO_BUILD_RUSTFLAGS",
-        "CARGO_TARGET_DIR",
-    ] {
-        install.env_remove(var);
-    }
+    let mut install = toolchain::cargo_install(&root);
+    install.arg("cargo-fuzz");
     cmd::run(
         &mut install,
         "cargo-fuzz install failed; needs network access to crates.io, or run `cargo install cargo-fuzz --locked`",
