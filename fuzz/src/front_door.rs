@@ -77,6 +77,8 @@ struct FrontDoor {
     runtime: Runtime,
     /// One server per binding mode.
     servers: Vec<SocketAddr>,
+    /// Held so that the servers run for the life of the process.
+    _stops: Vec<watch::Sender<bool>>,
     _cgroups: tempfile::TempDir,
 }
 
@@ -164,19 +166,21 @@ fn front_door() -> &'static FrontDoor {
                 workload: Workload::default(),
             },
         ];
-        let servers = modes
+        let (servers, stops) = modes
             .into_iter()
             .map(|binding| runtime.block_on(start(binding, cgroups.path())))
-            .collect();
+            .unzip();
         FrontDoor {
             runtime,
             servers,
+            _stops: stops,
             _cgroups: cgroups,
         }
     })
 }
 
-async fn start(binding: Binding, cgroups: &std::path::Path) -> SocketAddr {
+/// A server whose callers all have `binding`; it runs until the returned sender says stop or is dropped.
+async fn start(binding: Binding, cgroups: &std::path::Path) -> (SocketAddr, watch::Sender<bool>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("local address");
     let attestor = Arc::new(Attestor::new(
@@ -191,8 +195,6 @@ async fn start(binding: Binding, cgroups: &std::path::Path) -> SocketAddr {
     );
     let metrics = Arc::new(Metrics::new());
     let (stop, stopped) = watch::channel(false);
-    // The server runs for the life of the process.
-    std::mem::forget(stop);
     tokio::spawn(serve(
         listener,
         attestor,
@@ -201,7 +203,7 @@ async fn start(binding: Binding, cgroups: &std::path::Path) -> SocketAddr {
         LIMITS,
         stopped,
     ));
-    addr
+    (addr, stop)
 }
 
 fn identity(client_id: &str) -> Arc<Identity> {
