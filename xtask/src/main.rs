@@ -5,6 +5,7 @@ mod bench;
 mod cmd;
 mod demo;
 mod ebpf;
+mod fuzz;
 mod host;
 mod image;
 mod manifests;
@@ -28,7 +29,7 @@ use crate::artifacts::Profile;
 #[command(
     name = "cargo xtask",
     bin_name = "cargo xtask",
-    about = "Build, test, demo and benchmark nmi-agent"
+    about = "Build, test, fuzz, demo and benchmark nmi-agent"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -70,6 +71,18 @@ enum Command {
     Vm {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
+    },
+    /// Run the cargo-fuzz targets in fuzz/ (all, or those named) for --secs each with the nightly, installing
+    /// cargo-fuzz when missing; prints executions, coverage and crashes per target. Crashes are saved to
+    /// fuzz/regressions/<target>/, which `cargo test` replays.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        secs: u64,
+        /// Afterwards, add the inputs that found new coverage to the repo's corpus (fuzz/corpus/<target>/).
+        #[arg(long)]
+        merge: bool,
+        targets: Vec<String>,
     },
     /// Build the static (musl) agent and its OCI image offline with buildah into target/image/nmi-agent.tar; prints
     /// the image digest.
@@ -113,6 +126,11 @@ fn run(command: Command) -> Result<()> {
         Command::Soak { requests } => soak::run(&root, requests),
         Command::Vm { args } => vm::command(&root, &args),
         Command::Image { pin } => image::image(&root, pin),
+        Command::Fuzz {
+            secs,
+            merge,
+            targets,
+        } => fuzz::run(&root, secs, &targets, merge).map(|_| ()),
     }
 }
 

@@ -13,12 +13,16 @@ use anyhow::{Result, anyhow};
 use crate::{
     artifacts::{self, Profile},
     cmd::{self, announce},
-    ebpf,
+    ebpf, fuzz,
     host::{self, Apt},
     image, manifests, toolchain, vm,
 };
 
-const TOTAL_STEPS: usize = 11;
+const TOTAL_STEPS: usize = 12;
+
+/// Seconds each fuzz target runs in `cargo xtask test`: a smoke test that the targets build and hold on their corpus
+/// and a little more; `cargo xtask fuzz` runs them for longer.
+const FUZZ_SMOKE_SECS: u64 = 10;
 
 pub fn test(root: &Path, quick: bool) -> Result<()> {
     let mut steps = Steps::default();
@@ -74,6 +78,14 @@ pub fn test(root: &Path, quick: bool) -> Result<()> {
     })?;
     steps.run("manifests", || manifests::validate_manifests(root))?;
     let built = steps.run("build", || artifacts::build(root, Profile::Release))?;
+    // Fuzzing needs the nightly; outside CI a machine without one skips it rather than failing.
+    if toolchain::nightly().is_err() && !is_ci() {
+        steps.skip("fuzz smoke", "no nightly toolchain");
+    } else {
+        steps.run("fuzz smoke", || {
+            fuzz::run(root, FUZZ_SMOKE_SECS, &[], false).map(|_| ())
+        })?;
+    }
 
     if quick {
         if is_ci() {

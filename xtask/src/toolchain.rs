@@ -126,7 +126,7 @@ fn ensure_cargo_component(
 
 /// Tools live outside the target dir so that `cargo clean` does not cost a bpf-linker rebuild.
 /// `NMI_AGENT_TOOLS_DIR` overrides it, e.g. to rehearse a fresh machine.
-fn tools_dir() -> Result<PathBuf> {
+pub fn tools_dir() -> Result<PathBuf> {
     if let Some(dir) = env::var_os("NMI_AGENT_TOOLS_DIR") {
         return Ok(PathBuf::from(dir));
     }
@@ -171,34 +171,20 @@ pub fn ensure_bpf_linker(nightly: &Nightly) -> Result<BpfLinker> {
         "installing bpf-linker for LLVM {major} into {} (about 2 minutes, once)",
         root.display()
     ));
-    let mut install = cmd::cargo();
+    let mut install = cargo_install(&root);
     install
         .args([
-            "install",
             "bpf-linker",
-            "--locked",
             "--force",
             "--no-default-features",
             "--features",
         ])
         .arg(format!("llvm-{major}"))
-        .arg("--root")
-        .arg(&root)
         .env("LLVM_PREFIX", &root)
         .env(
             "LD_LIBRARY_PATH",
             cmd::prepend_path("LD_LIBRARY_PATH", &linker.lib_dir)?,
-        )
-        // Outside the workspace, so the project's .cargo/config.toml and flags do not leak into the install.
-        .current_dir(&root);
-    for var in [
-        "RUSTFLAGS",
-        "CARGO_ENCODED_RUSTFLAGS",
-        "CARGO_BUILD_RUSTFLAGS",
-        "CARGO_TARGET_DIR",
-    ] {
-        install.env_remove(var);
-    }
+        );
     cmd::run(
         &mut install,
         "bpf-linker install failed; needs network access to crates.io and a bpf-linker release with an \
@@ -215,6 +201,25 @@ pub fn ensure_bpf_linker(nightly: &Nightly) -> Result<BpfLinker> {
         "the freshly installed bpf-linker does not run; delete the tools directory and retry",
     )?;
     Ok(linker)
+}
+
+/// `cargo install --locked --root <root>` (the crate and its options to be added), run in `root`: outside the
+/// workspace, so the project's .cargo/config.toml and flags do not leak into the install.
+pub fn cargo_install(root: &Path) -> Command {
+    let mut install = cmd::cargo();
+    install
+        .args(["install", "--locked", "--root"])
+        .arg(root)
+        .current_dir(root);
+    for var in [
+        "RUSTFLAGS",
+        "CARGO_ENCODED_RUSTFLAGS",
+        "CARGO_BUILD_RUSTFLAGS",
+        "CARGO_TARGET_DIR",
+    ] {
+        install.env_remove(var);
+    }
+    install
 }
 
 /// The nightly ships `libLLVM.so.<ver>-rust-<ver>-nightly` but no plain `libLLVM.so`, which is the name the linker

@@ -39,14 +39,18 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CgroupError + '_ {
 
 /// The cgroup v2 mount point, from a mountinfo text. `/sys/fs/cgroup` wins when there are several (AKS); hybrid hosts
 /// mount it at `/sys/fs/cgroup/unified`.
+///
+/// Read as proc(5) lays a line out: six fields (the fifth is the mount point), optional fields up to a `-`, then the
+/// filesystem type. Fields are separated by single spaces: the kernel escapes only space, tab, newline and backslash in
+/// a mount point, so any other whitespace (a vertical tab, a no-break space) is part of the name, and so is a `-`.
 pub fn cgroup2_mount_in(mountinfo: &str) -> Option<PathBuf> {
     let mounts: Vec<PathBuf> = mountinfo
         .lines()
         .filter_map(|line| {
-            let (pre, post) = line.split_once(" - ")?;
-            let mount_point = pre.split_whitespace().nth(4)?;
-            (post.split_whitespace().next()? == "cgroup2")
-                .then(|| PathBuf::from(unescape(mount_point)))
+            let mut fields = line.split(' ');
+            let mount_point = fields.nth(4)?;
+            let fs_type = fields.skip(1).skip_while(|f| *f != "-").nth(1)?;
+            (fs_type == "cgroup2").then(|| PathBuf::from(unescape(mount_point)))
         })
         .collect();
     mounts
@@ -263,6 +267,28 @@ mod tests {
         assert_eq!(
             cgroup2_mount_in(info),
             Some(PathBuf::from("/mnt/my cgroups"))
+        );
+    }
+
+    /// Found by fuzzing (fuzz/regressions/mountinfo/): whitespace other than a space inside a mount point split it in two.
+    #[test]
+    fn whitespace_the_kernel_does_not_escape_stays_in_the_mount_point() {
+        let info = "41 31 0:38 / /mnt/a\u{b}b\u{a0}c rw - cgroup2 cgroup2 rw\n";
+        assert_eq!(
+            cgroup2_mount_in(info),
+            Some(PathBuf::from("/mnt/a\u{b}b\u{a0}c"))
+        );
+    }
+
+    /// Found by fuzzing: a mount point named `-` was taken for the separator before the filesystem type.
+    #[test]
+    fn a_mount_point_named_like_the_separator_is_still_the_mount_point() {
+        let info = "36 25 0:30 / - rw,relatime shared:9 - cgroup2 cgroup2 rw\n";
+        assert_eq!(cgroup2_mount_in(info), Some(PathBuf::from("-")));
+        let no_optional_fields = "36 25 0:30 / /a rw - cgroup2 cgroup2 rw\n";
+        assert_eq!(
+            cgroup2_mount_in(no_optional_fields),
+            Some(PathBuf::from("/a"))
         );
     }
 

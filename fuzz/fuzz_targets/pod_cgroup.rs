@@ -1,0 +1,4 @@
+//! libFuzzer entry for [`nmi_agent_fuzz::pod_cgroup`]: the property lives there, so `cargo test` replays regressions.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| nmi_agent_fuzz::pod_cgroup::check(data));
